@@ -1,0 +1,372 @@
+"""Typed LatentWire configuration: dataclasses, JSON load/save, `--set a.b=c` overrides, validation.
+
+A config is a tree of dataclasses. JSON presets live in `configs/`; the command line adds overrides:
+
+    python launch/train.py --config configs/tiny.json --set train.max_steps=8 --set receivers.0.path=/models/x
+
+Every error names the offending key and what was expected; unknown keys suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+BOS_POLICIES = ("auto", "always", "never")
+PRECISIONS = ("fp16", "int8", "int4")
+DATA_FORMATS = ("auto", "squad", "hotpot", "nq")
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # HF model dir or hub id of a larger frozen teacher sharing the receiver's tokenizer
+    weight: float = 1.0  # mixing weight of this teacher's probabilities in the KD target
+    cache: str = ""  # offline top-k logit cache dir (launch/cache_teacher.py); empty = run the teacher live
+
+
+@dataclass
+class ReceiverConfig:
+    name: str = ""  # short unique name, used in metrics and checkpoint keys
+    path: str = ""  # HF model dir or hub id, loaded with AutoModelForCausalLM.from_pretrained
+    dtype: str = "float32"  # dtype the frozen receiver is loaded in: float32 | bfloat16 | float16
+    bos_policy: str = "auto"  # BOS after the latent prefix: auto (if the tokenizer adds one) | always | never
+    anchor: str = "Answer:"  # text between prompt/latent and answer; the answer follows as " " + answer
+    teachers: list[TeacherConfig] = field(default_factory=list)  # optional larger same-tokenizer teachers
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # files or dataset ids; empty = embedded SQuAD sample
+    eval_files: list[str] = field(default_factory=list)  # empty = held-out articles of the training files
+    format: str = "auto"  # auto | squad | hotpot | nq
+    mix_weights: list[float] = field(default_factory=list)  # per train file sampling weight; empty = by size
+    eval_fraction: float = 0.2  # share of articles held out when eval_files is empty (split by article)
+    max_prompt_bytes: int = 768  # UTF-8 bytes of the prompt the encoder reads (longer contexts are cut)
+    max_answer_tokens: int = 24  # answer tokens kept as teacher-forcing targets (EOS always appended)
+    max_train_examples: int = 0  # 0 = all
+    seed: int = 0  # seed of the article split and of the data order
+
+
+@dataclass
+class EncoderConfig:
+    d_model: int = 128  # width of the byte transformer
+    n_layers: int = 6  # byte transformer layers
+    n_heads: int = 4  # attention heads
+    ff_mult: int = 4  # feed-forward width = ff_mult * d_model
+    d_z: int = 64  # width of a latent slot on the wire
+    m_shared: int = 8  # slots every receiver reads
+    m_private: int = 4  # extra slots per receiver (0 = fully shared)
+    dropout: float = 0.0  # dropout inside the byte transformer
+
+
+@dataclass
+class AdapterConfig:
+    hidden: int = 256  # MLP width of the per-receiver adapter
+    calibrate: bool = True  # per-example RMS calibration to the receiver's embedding RMS
+    rms_scale: float = 1.0  # multiplies the receiver's embedding RMS to give the calibration target
+
+
+@dataclass
+class LossConfig:
+    k_tokens: int = 4  # supervised answer tokens (answer followed by EOS) per example
+    ce_weight: float = 1.0  # weight of the K-token cross-entropy
+    kd_weight: float = 0.5  # weight of KD from the text teacher (and configured teachers)
+    kd_temperature: float = 1.0  # KD softmax temperature tau
+    text_teacher_weight: float = 1.0  # weight of the receiver reading the full text among KD teachers
+
+
+@dataclass
+class CurriculumConfig:
+    latent_keep_start: float = 1.0  # probability of keeping each shared slot at step 0 (1 = no dropout)
+    latent_keep_end: float = 1.0  # keep probability after the ramp
+    keep_ramp_steps: int = 0  # steps over which keep probability moves from start to end
+
+
+@dataclass
+class FeaturesConfig:
+    lora: bool = False  # PEFT LoRA on the receivers
+    deep_prefix: bool = False  # per-layer key/value prefixes from the latent
+    latent_adapters: bool = False  # gated cross-attention to the latent inside the receivers
+    coprocessor: bool = False  # KV deltas from the pooled latent
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 20  # optimizer steps
+    micro_batch: int = 2  # examples per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 2  # linear warm-up steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip over all trainables (0 = off)
+    save_every: int = 10  # checkpoint interval in optimizer steps (the last step always saves)
+    keep_last: int = 3  # step checkpoints kept on disk
+    log_every: int = 1  # tqdm postfix interval; metrics.jsonl gets every step
+    seed: int = 0  # model init and step-keyed randomness
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int = 32  # held-out examples evaluated (0 = all)
+    batch_size: int = 8  # examples per generation batch
+    max_new_tokens: int = 12  # greedy decode cap (never the gold length)
+    wire_precision: str = "int8"  # precision of the payload the latent path decodes from
+    precisions: list[str] = field(default_factory=lambda: ["fp16", "int8", "int4"])  # payload sizes reported
+    group_size: int = 32  # wire quantization group
+    at_end: bool = True  # evaluate after training
+    latency_repeats: int = 3  # timed repeats for the latency section
+
+
+@dataclass
+class Config:
+    receivers: list[ReceiverConfig] = field(default_factory=list)  # frozen LLMs reading the latent
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a JSON value to field type `tp`, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected an object with keys {sorted(_field_names(tp))}, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = _field_names(cls)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(names)})")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(cls, key, f"{prefix}." if prefix else "")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a JSON preset, apply `a.b=c` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object at the top level")
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
+
+
+def _parse_value(text: str) -> Any:
+    """JSON if it parses (numbers, true/false, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override to a raw config dict in place; list indices are numbers."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    value = _parse_value(raw)
+    # Walk the dataclass schema alongside the dict so unknown keys fail with a suggestion.
+    cls: Any = Config
+    node: Any = data
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"override '{dotted}': '{here}' is a list; use a numeric index, not '{part}'")
+            index = int(part)
+            if index > len(node):
+                raise ConfigError(f"override '{dotted}': index {index} is past the end of '{here}' ({len(node)} items)")
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+                return
+            node, cls = node[index], typing.get_args(cls)[0]
+            continue
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise _unknown_key(cls, part, f"{here}." if here else "")
+        if last:
+            node[part] = value
+            return
+        field_tp = hints[part]
+        default = [] if typing.get_origin(field_tp) is list else {}
+        node = node.setdefault(part, default)
+        cls = field_tp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    if not cfg.receivers:
+        raise ConfigError("receivers: at least one receiver {name, path} is required")
+    names = [r.name for r in cfg.receivers]
+    for i, rec in enumerate(cfg.receivers):
+        if not rec.name:
+            raise ConfigError(f"receivers.{i}.name: must be a non-empty string")
+        if not rec.path:
+            raise ConfigError(f"receivers.{i}.path: must name a model directory or hub id")
+        _check_choice(f"receivers.{i}.dtype", rec.dtype, DTYPES)
+        _check_choice(f"receivers.{i}.bos_policy", rec.bos_policy, BOS_POLICIES)
+        if not rec.anchor.strip():
+            raise ConfigError(f"receivers.{i}.anchor: must contain visible text (the anchor is never dropped)")
+        for j, teacher in enumerate(rec.teachers):
+            if not teacher.path and not teacher.cache:
+                raise ConfigError(f"receivers.{i}.teachers.{j}: needs a path or a cache")
+            _check_positive(f"receivers.{i}.teachers.{j}.weight", teacher.weight)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"receivers: names must be unique, got {names}")
+    _check_choice("data.format", cfg.data.format, DATA_FORMATS)
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.mix_weights and len(cfg.data.mix_weights) != len(cfg.data.train_files):
+        raise ConfigError("data.mix_weights: needs one weight per entry of data.train_files")
+    _check_positive("data.max_prompt_bytes", cfg.data.max_prompt_bytes)
+    _check_positive("data.max_answer_tokens", cfg.data.max_answer_tokens)
+    enc = cfg.encoder
+    for key in ("d_model", "n_layers", "n_heads", "ff_mult", "d_z", "m_shared"):
+        _check_positive(f"encoder.{key}", getattr(enc, key))
+    _check_positive("encoder.m_private", enc.m_private, allow_zero=True)
+    if enc.d_model % enc.n_heads:
+        raise ConfigError(f"encoder.d_model ({enc.d_model}) must be divisible by encoder.n_heads ({enc.n_heads})")
+    _check_positive("adapter.hidden", cfg.adapter.hidden)
+    _check_positive("losses.k_tokens", cfg.losses.k_tokens)
+    _check_positive("losses.kd_temperature", cfg.losses.kd_temperature)
+    _check_positive("losses.ce_weight", cfg.losses.ce_weight, allow_zero=True)
+    _check_positive("losses.kd_weight", cfg.losses.kd_weight, allow_zero=True)
+    for key in ("latent_keep_start", "latent_keep_end"):
+        value = getattr(cfg.curriculum, key)
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"curriculum.{key}: must be in (0, 1], got {value}")
+    if cfg.features.deep_prefix and cfg.features.coprocessor:
+        raise ConfigError("features.deep_prefix and features.coprocessor cannot both be on (both write the KV cache)")
+    tr = cfg.train
+    for key in ("max_steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):
+        _check_positive(f"train.{key}", getattr(tr, key))
+    _check_positive("train.lr", tr.lr)
+    _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _check_positive("train.grad_clip", tr.grad_clip, allow_zero=True)
+    ev = cfg.eval
+    _check_positive("eval.max_examples", ev.max_examples, allow_zero=True)
+    _check_positive("eval.batch_size", ev.batch_size)
+    _check_positive("eval.max_new_tokens", ev.max_new_tokens)
+    _check_positive("eval.group_size", ev.group_size)
+    _check_choice("eval.wire_precision", ev.wire_precision, PRECISIONS)
+    for i, prec in enumerate(ev.precisions):
+        _check_choice(f"eval.precisions.{i}", prec, PRECISIONS)
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, as 'a.b: old -> new' lines."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_configs(a, b, f"{path}.")
+        elif a != b:
+            lines.append(f"{path}: {json.dumps(a)} -> {json.dumps(b)}")
+    return lines

@@ -1,0 +1,150 @@
+"""Distributed plumbing as small pure functions: the DeepSpeed config builder, process-group setup, rank helpers.
+
+`build_ds_config` fills every "auto" (or missing) value of a DeepSpeed JSON baseline from the LatentWire config,
+the world size and the receivers' hidden size H, and asserts global = micro * accumulation * world.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_DS_CONFIG = {
+    "zero_optimization": {"stage": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8,
+                                              "weight_decay": "auto", "torch_adam": "auto"}},
+    "steps_per_print": 1000000,
+}
+
+
+class DSConfigError(ValueError):
+    """The DeepSpeed config file or the batch layout is invalid."""
+
+
+def read_ds_config(path: str | None) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    p = Path(path)
+    if not p.is_file():
+        raise DSConfigError(f"--deepspeed config not found: {path}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise DSConfigError(f"--deepspeed config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DSConfigError(f"--deepspeed config {path}: expected a JSON object")
+    return data
+
+
+def _fill(section: dict, key: str, value) -> None:
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def build_ds_config(base: dict, micro_batch: int, grad_accum: int, world_size: int, lr: float,
+                    weight_decay: float, grad_clip: float, hidden_size: int, cuda: bool) -> dict:
+    """A complete DeepSpeed config. Explicit batch values in `base` must agree with the LatentWire config."""
+    ds = copy.deepcopy(base)
+    want = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch * grad_accum * world_size}
+    for key, value in want.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise DSConfigError(f"DeepSpeed config sets {key}={ds[key]} but the LatentWire config gives {value} "
+                                f"(train.micro_batch={micro_batch}, train.grad_accum={grad_accum}, world={world_size});"
+                                " set it to \"auto\"")
+        ds[key] = value
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
+        raise DSConfigError("global batch != micro * accumulation * world")
+    _fill(ds, "gradient_clipping", float(grad_clip))
+    opt = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", float(lr))
+    _fill(params, "weight_decay", float(weight_decay))
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if not cuda and not offload:
+        params["torch_adam"] = True  # the fused Adam op needs a GPU
+    elif params.get("torch_adam") == "auto":
+        params.pop("torch_adam")
+    for precision in ("bf16", "fp16"):
+        if precision in ds:
+            # Trainables stay fp32 on CPU ranks; on GPU "auto" means bf16 master weights off as well, because the
+            # frozen receivers carry their own dtype and the trainables are small.
+            _fill(ds[precision], "enabled", False)
+            if ds[precision]["enabled"] and not cuda:
+                raise DSConfigError(f"{precision} training needs CUDA; this run has none")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    h = int(hidden_size)
+    # HF's integration fills these from H so tiny and 8B receivers are both really partitioned.
+    _fill(zero, "reduce_bucket_size", h * h)
+    _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h))
+    _fill(zero, "stage3_param_persistence_threshold", 10 * h)
+    for key, value in zero.items():
+        if value == "auto":
+            raise DSConfigError(f"zero_optimization.{key} is \"auto\" and has no rule to fill it")
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "allgather_bucket_size"):
+        if key in zero:
+            zero[key] = int(zero[key])
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def setup_environment() -> None:
+    """Environment defaults before deepspeed is imported: CPU accelerator and a single-process rendezvous."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialize the process group (gloo on CPU, nccl on GPU) once; returns (rank, world_size)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """Mean of a list of floats over all ranks (fp64 on CPU, gloo-friendly)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t = t.cpu() / dist.get_world_size()
+    return t.tolist()

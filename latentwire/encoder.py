@@ -1,0 +1,109 @@
+"""Byte encoder and latent pooler: prompt bytes (B, L) -> latent slots Z (B, M_shared + R * M_private, d_z).
+
+The byte transformer reads raw UTF-8 bytes with a padding mask (pad positions can neither be attended to nor
+change the pooled result). A set of learned queries then cross-attends to the byte states (gated residual) and
+is projected to the wire width d_z. The first `m_shared` slots are read by every receiver; each receiver also
+owns `m_private` slots, laid out after the shared ones in receiver order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from latentwire.config import EncoderConfig
+
+BYTE_VOCAB = 257  # 256 byte values + padding
+BYTE_PAD = 256
+
+
+class LatentPooler(nn.Module):
+    """Learned queries (M, d) attend to byte states; out = q + tanh(gate) * attn, then a gated MLP."""
+
+    def __init__(self, n_slots: int, d_model: int, n_heads: int, d_z: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_slots, d_model) * d_model**-0.5)
+        self.norm_q = nn.LayerNorm(d_model)
+        self.norm_kv = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        # Gates start at a small positive value: the pooled signal flows from step 0 but the residual dominates.
+        self.attn_gate = nn.Parameter(torch.full((1,), 0.5))  # shape (1,): DeepSpeed cannot broadcast 0-d tensors
+        self.mlp = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model))
+        self.mlp_gate = nn.Parameter(torch.full((1,), 0.5))
+        self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_z))
+
+    def forward(self, states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """states (B, L, d), pad_mask (B, L) True at padding -> (B, M, d_z)."""
+        q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
+        kv = self.norm_kv(states)
+        attended, _ = self.attn(self.norm_q(q), kv, kv, key_padding_mask=pad_mask, need_weights=False)
+        x = q + torch.tanh(self.attn_gate) * attended
+        x = x + torch.tanh(self.mlp_gate) * self.mlp(x)
+        return self.out(x)
+
+
+class ByteEncoder(nn.Module):
+    """bytes (B, L) int64 in [0, 256], mask (B, L) bool True at real bytes -> Z (B, M_total, d_z)."""
+
+    def __init__(self, cfg: EncoderConfig, n_receivers: int, max_bytes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_receivers = n_receivers
+        self.max_bytes = max_bytes
+        self.embed = nn.Embedding(BYTE_VOCAB, cfg.d_model, padding_idx=BYTE_PAD)
+        self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        # enable_nested_tensor=False: the nested fast path changes numerics with padding, which must not matter.
+        self.layers = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.pooler = LatentPooler(self.n_slots, cfg.d_model, cfg.n_heads, cfg.d_z)
+
+    @property
+    def n_slots(self) -> int:
+        return self.cfg.m_shared + self.n_receivers * self.cfg.m_private
+
+    def forward(self, byte_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if byte_ids.shape[1] > self.max_bytes:
+            raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
+        pad = ~mask
+        x = self.embed(byte_ids) + self.pos[: byte_ids.shape[1]]
+        x = self.layers(x, src_key_padding_mask=pad)
+        x = self.norm(x)
+        return self.pooler(x, pad)
+
+    def slots_for(self, z: torch.Tensor, receiver_index: int) -> torch.Tensor:
+        """Z (B, M_total, d_z) -> the slots receiver `receiver_index` reads: shared then its private ones."""
+        m_s, m_p = self.cfg.m_shared, self.cfg.m_private
+        start = m_s + receiver_index * m_p
+        return torch.cat([z[:, :m_s], z[:, start:start + m_p]], dim=1)
+
+
+def drop_shared_slots(z: torch.Tensor, m_shared: int, keep_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Curriculum latent dropout: zero each shared slot with prob 1-keep (at least one kept), rescale by 1/keep.
+
+    The mask comes from `generator` (seeded by the global step) so every rank drops the same slots.
+    """
+    if keep_prob >= 1.0:
+        return z
+    keep = torch.rand(z.shape[0], m_shared, generator=generator) < keep_prob
+    first = torch.zeros_like(keep)
+    first[torch.arange(z.shape[0]), torch.randint(0, m_shared, (z.shape[0],), generator=generator)] = True
+    keep = (keep | (~keep.any(dim=1, keepdim=True) & first)).to(z.dtype).to(z.device)
+    scale = torch.cat([keep / keep_prob, torch.ones(z.shape[0], z.shape[1] - m_shared, device=z.device,
+                                                    dtype=z.dtype)], dim=1)
+    return z * scale.unsqueeze(-1)
+
+
+def bytes_to_tensor(prompts: list[bytes], max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of byte strings to (B, L) ids + (B, L) mask; L = longest (<= max_bytes)."""
+    length = max(1, max(len(p) for p in prompts))
+    if length > max_bytes:
+        raise ValueError(f"prompt of {length} bytes exceeds max_bytes {max_bytes}; cut it in data preparation")
+    ids = torch.full((len(prompts), length), BYTE_PAD, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    return ids, ids != BYTE_PAD
+

@@ -1,0 +1,93 @@
+"""LatentWire losses, thin over the fused kernels.
+
+`hidden` is always the STUDENT (the receiver reading the latent), gathered at the first K answer positions
+before the LM head; teacher logits come from the same frozen receiver reading the full text (and optionally
+from larger same-tokenizer teachers). Every example weighs the same, whatever its answer length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import kernels
+
+IGNORE = -100
+
+
+def k_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden (B, K, H) student, weight (V, H) LM head, targets (B, K) with -100 past the answer -> scalar.
+
+    Mean over examples of each example's mean CE over its supervised tokens.
+    """
+    b, k, h = hidden.shape
+    rows = kernels.k_token_cross_entropy(hidden.reshape(b * k, h), weight, targets.reshape(-1),
+                                         ignore_index=IGNORE, reduction="none").view(b, k)
+    valid = (targets != IGNORE).to(rows.dtype)
+    per_example = (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+    return per_example.mean()
+
+
+def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            temperature: float, teacher_weights: list[float] | None = None) -> torch.Tensor:
+    """hidden (B, K, H) student; teacher_logits (T, B, K, V) teachers at the same positions -> scalar KD."""
+    b, k, h = hidden.shape
+    t, _, _, v = teacher_logits.shape
+    weights = torch.tensor(teacher_weights, dtype=torch.float32) if teacher_weights is not None else None
+    return kernels.kd_softmax_loss(hidden.reshape(b * k, h), weight, teacher_logits.reshape(t, b * k, v),
+                                   temperature=temperature, teacher_weights=weights,
+                                   mask=(targets != IGNORE).reshape(-1))
+
+
+@torch.no_grad()
+def teacher_logits_at(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Teacher hidden (B, K, H) -> logits (B, K, V) in fp32: only K rows per example, never the whole text."""
+    return hidden.float() @ weight.float().t()
+
+
+@torch.no_grad()
+def first_token_accuracy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of examples whose argmax at answer position 0 is the gold first answer token."""
+    logits = hidden[:, 0].float() @ weight.float().t()
+    return float((logits.argmax(-1) == targets[:, 0]).float().mean())
+
+
+class LMHeadLoss(nn.Module):
+    """The fused losses against one receiver's frozen LM head, run as a module call.
+
+    Under ZeRO-3 the head is partitioned. Registering it as an external parameter of this module makes DeepSpeed
+    gather it for this forward and again for the backward of `hidden` (the kernels' saved weight), exactly as it
+    does for an ordinary nn.Linear. The head stays owned by its receiver (not a child here), so it is counted once.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_head", head)
+        weight = head.weight
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._head.weight
+
+    def forward(self, student: torch.Tensor, targets: torch.Tensor | None = None,
+                teacher_hidden: torch.Tensor | None = None, temperature: float = 1.0,
+                extra_teacher_logits: torch.Tensor | None = None, teacher_weights: list[float] | None = None) -> dict:
+        """student (B, K, H); targets (B, K); teacher_hidden (B, K, H) from the text pass (no grad);
+        extra_teacher_logits (T', B, K, V) from larger teachers. Without targets: {"logits": (B, K, V) fp32}."""
+        weight = self.weight
+        if targets is None:
+            return {"logits": teacher_logits_at(student, weight)}
+        out = {"ce": k_token_ce(student, weight, targets),
+               "first_tok_acc": first_token_accuracy(student.detach(), weight, targets)}
+        teachers = []
+        if teacher_hidden is not None:
+            teachers.append(teacher_logits_at(teacher_hidden, weight))
+        if extra_teacher_logits is not None:
+            teachers += list(extra_teacher_logits)
+        if teachers:
+            out["kd"] = kd_loss(student, weight, torch.stack(teachers), targets, temperature, teacher_weights)
+        return out

@@ -1,0 +1,261 @@
+"""Frozen receiver LLMs and the prefix contract they are read through.
+
+One `PrefixContract` per receiver defines every sequence LatentWire builds, for training, scoring and generation:
+
+    latent:       [P (M slots)] [BOS if policy says] [anchor] [answer] [EOS]
+    text teacher: [BOS if the tokenizer has one] [prompt] [anchor] [answer] [EOS]
+
+Targets are the answer tokens and EOS, never BOS or padding. The answer is tokenized as " " + answer right after
+the anchor; at construction (and for every example) we assert that this split tokenizes the first answer token
+exactly as the joint string "anchor answer" does (t=0 alignment) — a hard error, not a warning.
+
+`Receiver` wraps one frozen `AutoModelForCausalLM`: embedding lookup, ONE teacher-forced pass that returns hidden
+states (before the LM head) at the first K answer positions, scoring, and greedy generation with a KV cache that
+stops at EOS or `max_new_tokens` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from latentwire.config import ReceiverConfig
+
+ALIGNMENT_PROBES = ("Paris", "1990", "the Broncos", "Denver Broncos", "42%", "Zürich", "yes")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ContractError(ValueError):
+    """The prefix contract cannot hold for this tokenizer / example."""
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 partitioned parameter (its full data lives only inside a gather)."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor]):
+    """Materialize ZeRO-3 partitioned parameters for reading; a no-op for ordinary tensors."""
+    parts = [p for p in params if is_partitioned(p)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and special ids: equal iff two tokenizers encode alike."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+class PrefixContract:
+    """Token-level layout of the latent and text sequences for one receiver (see module docstring)."""
+
+    def __init__(self, tokenizer, anchor: str, bos_policy: str = "auto", max_answer_tokens: int = 24):
+        self.tokenizer = tokenizer
+        self.anchor = anchor
+        self.max_answer_tokens = max_answer_tokens
+        self.bos_id = tokenizer.bos_token_id
+        if tokenizer.eos_token_id is None:
+            raise ContractError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; answers must end with one")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        adds_bos = self.bos_id is not None and tokenizer("a")["input_ids"][:1] == [self.bos_id]
+        if bos_policy == "always" and self.bos_id is None:
+            raise ContractError(f"bos_policy 'always' but tokenizer {tokenizer.name_or_path!r} has no BOS token")
+        self.latent_bos = {"auto": adds_bos, "always": True, "never": False}[bos_policy]
+        self.text_bos = self.bos_id is not None
+        self.anchor_ids = self.encode(anchor)
+        if not self.anchor_ids:
+            raise ContractError(f"anchor {anchor!r} encodes to no tokens")
+        for probe in ALIGNMENT_PROBES:
+            self.check_alignment(probe)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Answer tokens (leading space, capped at max_answer_tokens) followed by EOS: the supervised targets."""
+        return self.encode(" " + answer.strip())[: self.max_answer_tokens] + [self.eos_id]
+
+    def check_alignment(self, answer: str) -> None:
+        """Hard t=0 check: the first answer token after the anchor is the same split or joint."""
+        joint = self.encode(self.anchor + " " + answer.strip())
+        split_first = self.encode(" " + answer.strip())[:1]
+        n = len(self.anchor_ids)
+        if joint[:n] != self.anchor_ids or joint[n:n + 1] != split_first:
+            raise ContractError(
+                f"t=0 alignment fails for answer {answer!r} after anchor {self.anchor!r}: joint tokens {joint} vs "
+                f"anchor {self.anchor_ids} + answer {split_first}; choose an anchor ending at a token boundary")
+
+    def latent_prefix_ids(self) -> list[int]:
+        """Tokens that follow the M latent slots before the answer: [BOS?] [anchor]."""
+        return ([self.bos_id] if self.latent_bos else []) + self.anchor_ids
+
+    def text_prefix_ids(self, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+        """[BOS?] [prompt (optionally cut to its first max_prompt_tokens)] [anchor]."""
+        prompt_ids = self.encode(prompt)
+        if max_prompt_tokens is not None:
+            prompt_ids = prompt_ids[:max_prompt_tokens]
+        return ([self.bos_id] if self.text_bos else []) + prompt_ids + self.anchor_ids
+
+    def to_dict(self) -> dict:
+        return {"anchor": self.anchor, "anchor_ids": self.anchor_ids, "latent_bos": self.latent_bos,
+                "text_bos": self.text_bos, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "max_answer_tokens": self.max_answer_tokens, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+
+TINY_PREFIX = "tiny:"
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny:llama` / `tiny:qwen2` name the bundled tiny receivers: built on first use (deterministically, under a
+    file lock so concurrent ranks build once) into $LATENTWIRE_TINY_DIR or <repo>/runs/receivers."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    import fcntl
+    import os
+
+    from latentwire.tiny import build_tiny_receivers
+
+    kind = path[len(TINY_PREFIX):]
+    root = Path(os.environ.get("LATENTWIRE_TINY_DIR", Path(__file__).resolve().parents[1] / "runs" / "receivers"))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        paths = build_tiny_receivers(root)
+    key = f"tiny-{kind}"
+    if key not in paths:
+        raise FileNotFoundError(f"unknown tiny receiver {path!r}; known: {', '.join(TINY_PREFIX + k[5:] for k in paths)}")
+    return str(paths[key])
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load tokenizer from receiver path {path!r}: {err}") from None
+
+
+def load_causal_lm(path: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).exists() and path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"receiver model path {path!r} does not exist")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load model from receiver path {path!r}: {err}") from None
+
+
+class Receiver(nn.Module):
+    """A frozen causal LM read through `inputs_embeds`, with its prefix contract."""
+
+    def __init__(self, cfg: ReceiverConfig, model: nn.Module, tokenizer, max_answer_tokens: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.contract = PrefixContract(tokenizer, cfg.anchor, cfg.bos_policy, max_answer_tokens)
+        model.requires_grad_(False)
+        model.eval()
+        self.hidden_size = int(model.config.hidden_size)
+        emb = model.get_input_embeddings().weight
+        with gathered([emb]):
+            from latentwire.adapters import embedding_rms
+
+            self.embed_rms = embedding_rms(emb)
+
+    @classmethod
+    def load(cls, cfg: ReceiverConfig, max_answer_tokens: int) -> "Receiver":
+        path = resolve_model_path(cfg.path)
+        tokenizer = load_tokenizer(path)
+        model = load_causal_lm(path, cfg.dtype)
+        return cls(cfg, model, tokenizer, max_answer_tokens)
+
+    def train(self, mode: bool = True):
+        # The receiver stays in eval mode (no dropout) whatever the wrapping module does.
+        super().train(False)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def decoder_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) embeddings -> final hidden states (B, L, H), after the final norm, before the LM head."""
+        out = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def latent_pass(self, prefix: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor,
+                    answer_start: int, k: int) -> torch.Tensor:
+        """One teacher-forced pass over [P][BOS?][anchor][answer][EOS].
+
+        prefix (B, M, H) soft tokens; suffix_ids (B, S) = [BOS?][anchor][answer][EOS] right-padded with mask
+        (B, S); answer_start = index of the first answer token inside the suffix (same for all rows).
+        Returns hidden (B, K, H) at the positions that predict answer tokens 0..K-1.
+        """
+        embeds = torch.cat([prefix.to(self.dtype), self.embed(suffix_ids[:, :-1])], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=suffix_mask.dtype, device=suffix_mask.device),
+                          suffix_mask[:, :-1]], dim=1)
+        hidden = self.decoder_hidden(embeds, mask)
+        first = prefix.shape[1] + answer_start - 1  # position whose next token is answer token 0
+        positions = torch.arange(first, first + k, device=hidden.device).clamp(max=hidden.shape[1] - 1)
+        return hidden[:, positions]
+
+    @torch.no_grad()
+    def text_pass(self, text_ids: torch.Tensor, text_mask: torch.Tensor, answer_start: torch.Tensor,
+                  k: int) -> torch.Tensor:
+        """Teacher pass over [BOS][prompt][anchor][answer][EOS]; answer_start (B,) per row. -> hidden (B, K, H)."""
+        hidden = self.decoder_hidden(self.embed(text_ids[:, :-1]), text_mask[:, :-1])
+        positions = (answer_start.unsqueeze(1) - 1 + torch.arange(k, device=hidden.device)).clamp(
+            max=hidden.shape[1] - 1)
+        return torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    @torch.no_grad()
+    def generate(self, attention_mask: torch.Tensor, max_new_tokens: int, input_ids: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None, synced: bool = False) -> list[list[int]]:
+        """Greedy decoding from a left-padded prefix (token ids or embeddings) with a KV cache.
+
+        Stops at EOS or max_new_tokens, never earlier; returns the new token ids of each row, EOS excluded.
+        `synced` keeps ZeRO-3 ranks stepping together until every rank has finished.
+        """
+        kwargs = dict(attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                      eos_token_id=self.contract.eos_id, pad_token_id=self.contract.pad_id, synced_gpus=synced,
+                      temperature=None, top_p=None, top_k=None)
+        if input_ids is not None:
+            out = self.model.generate(input_ids=input_ids, **kwargs)[:, input_ids.shape[1]:]
+        else:
+            out = self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), **kwargs)
+        results = []
+        for row in out.tolist():
+            tokens = []
+            for tok in row:
+                if tok == self.contract.eos_id:
+                    break
+                tokens.append(tok)
+            results.append(tokens)
+        return results
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

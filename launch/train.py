@@ -1,0 +1,69 @@
+"""Train LatentWire.
+
+    python launch/train.py --config configs/tiny.json --output_dir runs/x [--set train.max_steps=8 ...]
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config configs/tiny.json --output_dir D
+    torchrun --nproc_per_node 2 launch/train.py --config configs/tiny.json --output_dir D
+    python launch/train.py --config configs/llama8b_qwen7b.json --output_dir D --dry_run   # resolve + plan only
+
+Without CUDA the run uses DeepSpeed's CPU accelerator with gloo. Re-running with the same --output_dir resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentwire.distributed import setup_environment  # noqa: E402
+
+setup_environment()  # before deepspeed is imported anywhere
+
+from latentwire import config as config_lib  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="JSON preset (configs/*.json)")
+    parser.add_argument("--output_dir", required=True, help="run directory; an existing one is resumed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (ds_configs/*.json); default: ZeRO-0")
+    parser.add_argument("--dry_run", action="store_true", help="resolve the config, print the plan, load nothing")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return parser.parse_args(argv)
+
+
+def dry_run(cfg: config_lib.Config, ds_path: str | None) -> None:
+    from latentwire.distributed import read_ds_config, zero_stage
+
+    print(json.dumps(config_lib.to_dict(cfg), indent=2))
+    ds = read_ds_config(ds_path)
+    print(f"deepspeed: {ds_path or 'built-in default'} (ZeRO stage {zero_stage(ds)})")
+    try:
+        from launch.plan import describe_config_plan
+    except ImportError:
+        print("device planner not available in this build")
+        return
+    print(describe_config_plan(cfg))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_lib.load_config(args.config, args.set)
+    except config_lib.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(cfg, args.deepspeed)
+        return 0
+    from latentwire.train import main as train_main
+
+    train_main(cfg, Path(args.output_dir), args.deepspeed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
