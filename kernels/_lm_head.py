@@ -36,10 +36,29 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 (or fp64) result, whatever the operand dtypes."""
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with an fp32 (or fp64) result, whatever the operand dtypes. `out` (contiguous, fp32/fp64 operands
+    only) lets the CPU path reuse one buffer for every chunk: glibc keeps freed blocks of a few tens of MB
+    mapped, so a fresh buffer per chunk would grow the resident set over a run."""
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
-        return a @ b
+        return torch.mm(a, b, out=out)
     if a.is_cuda and a.dtype == b.dtype and a.dtype in _HALF_DTYPES:
         return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS accumulates in fp32 and keeps it
     return a.float() @ b.float()
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place, acc fp32 (or fp64); no (rows, H) temporary when the operands share acc's dtype."""
+    if a.dtype == b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(mm_fp32(a, b))
+
+
+def chunk_buffer(n_rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Flat storage for one (n_rows, cols) chunk, reused by all chunks via `chunk_view`."""
+    return torch.empty(n_rows * cols, dtype=dtype, device=device)
+
+
+def chunk_view(buffer: torch.Tensor, n_rows: int, cols: int) -> torch.Tensor:
+    """A contiguous (n_rows, cols) view of the front of `buffer` (the last chunk may be narrower)."""
+    return buffer[: n_rows * cols].view(n_rows, cols)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._lm_head import mm_fp32, operand_dtype, stat_dtype, vocab_chunk_cols
+from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, mm_fp32, operand_dtype, stat_dtype,
+                              vocab_chunk_cols)
 from kernels._triton_compat import launch, next_power_of_2, tl, triton
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,17 +174,18 @@ def k_token_ce_forward(hidden, weight, targets, need_dhidden, backend):
     alpha = torch.empty_like(s)
     acc = torch.zeros(n_rows, width, dtype=stat, device=hidden.device) if need_dhidden else None
     cols = vocab_chunk_cols(n_rows, vocab)
+    buffer = chunk_buffer(n_rows, cols, stat, hidden.device)
     for v0 in range(0, vocab, cols):
         w_chunk = weight[v0:v0 + cols]
-        logits = mm_fp32(h_op, w_chunk.t())
+        logits = mm_fp32(h_op, w_chunk.t(), out=chunk_view(buffer, n_rows, w_chunk.shape[0]))
         e = _online_step(logits, m, s, alpha, op_dtype, need_dhidden, backend)
         if need_dhidden:
-            acc.mul_(alpha[:, None]).add_(mm_fp32(e, w_chunk.to(op_dtype)))
+            addmm_fp32_(acc.mul_(alpha[:, None]), e, w_chunk.to(op_dtype))
     lse = m + torch.log(s)
     w_target = weight[targets].to(stat)
-    loss_rows = lse - (hidden.to(stat) * w_target).sum(dim=1)
+    target_logit = torch.bmm(hidden.to(stat).unsqueeze(1), w_target.unsqueeze(2)).view(n_rows)
     dhidden = acc.div_(s[:, None]).sub_(w_target) if need_dhidden else None
-    return loss_rows, lse, dhidden
+    return lse - target_logit, lse, dhidden
 
 
 def k_token_ce_dweight(hidden, weight, targets, lse, row_scale, backend):
@@ -194,9 +196,10 @@ def k_token_ce_dweight(hidden, weight, targets, lse, row_scale, backend):
     h_op = hidden.to(op_dtype)
     dweight = torch.empty_like(weight)
     cols = vocab_chunk_cols(n_rows, vocab)
+    buffer = chunk_buffer(n_rows, cols, stat_dtype(op_dtype), hidden.device)
     for v0 in range(0, vocab, cols):
         w_chunk = weight[v0:v0 + cols]
-        logits = mm_fp32(h_op, w_chunk.t())
+        logits = mm_fp32(h_op, w_chunk.t(), out=chunk_view(buffer, n_rows, w_chunk.shape[0]))
         grad = _dlogits_step(logits, lse, targets - v0, row_scale, op_dtype, backend)
         dweight[v0:v0 + cols] = mm_fp32(grad.t(), h_op).to(weight.dtype)
     return dweight

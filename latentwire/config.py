@@ -27,6 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BOS_POLICIES = ("auto", "always", "never")
 PRECISIONS = ("fp16", "int8", "int4")
 DATA_FORMATS = ("auto", "squad", "hotpot", "nq")
+RESERVED_RECEIVER_NAMES = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision")
 
 
 @dataclass
@@ -317,6 +318,10 @@ def validate(cfg: Config) -> None:
             if not teacher.path and not teacher.cache:
                 raise ConfigError(f"receivers.{i}.teachers.{j}: needs a path or a cache")
             _check_positive(f"receivers.{i}.teachers.{j}.weight", teacher.weight)
+    reserved = [n for n in names if n in RESERVED_RECEIVER_NAMES]
+    if reserved:
+        raise ConfigError(f"receivers: name(s) {reserved} are reserved for metrics.json sections "
+                          f"({', '.join(RESERVED_RECEIVER_NAMES)})")
     if len(set(names)) != len(names):
         raise ConfigError(f"receivers: names must be unique, got {names}")
     _check_choice("data.format", cfg.data.format, DATA_FORMATS)

@@ -18,7 +18,8 @@ it, since they install no handler, so the child starts with SIGUSR1 ignored, a d
 it inherits until train.py installs its own handler. torchrun puts each rank in a session of its own, so
 SIGUSR1 also goes to every descendant outside the child's group.
 
-Each run gets `LATENTWIRE_RESTART_COUNT` (0 for the first) in its environment.
+Each run gets `LATENTWIRE_RESTART_COUNT` in its environment: the relaunches before it (0 for the first run),
+added to any count inherited from an outer supervisor.
 """
 
 import argparse
@@ -100,7 +101,9 @@ class Supervisor:
 
     def _run_once(self) -> int | None:
         """One run of the command; None when a forwarded signal arrived before it could start."""
-        env = dict(os.environ, LATENTWIRE_RESTART_COUNT=str(self.restarts))
+        # Counted across nested supervisors (a per-node one under srun inherits the batch-level count).
+        restarts = int(os.environ.get("LATENTWIRE_RESTART_COUNT", "0")) + self.restarts
+        env = dict(os.environ, LATENTWIRE_RESTART_COUNT=str(restarts))
         # Hold the forwarded signals while the child starts, so that none can arrive after the fork but
         # before `self._child` is set and be lost; they are handled (and forwarded) right after.
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)

@@ -1,0 +1,59 @@
+"""Byte encoder: padding is masked (changes nothing), slots layout, latent dropout, adapter calibration."""
+
+import torch
+
+from latentwire.adapters import Adapter
+from latentwire.config import AdapterConfig, EncoderConfig
+from latentwire.encoder import ByteEncoder, bytes_to_tensor, drop_shared_slots
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return ByteEncoder(EncoderConfig(d_model=32, n_layers=2, n_heads=4, d_z=16, m_shared=4, m_private=2), 2, 128).eval()
+
+
+def test_padding_changes_nothing():
+    enc = _encoder()
+    short, long = b"Context: a b c\nQuestion: q?\n", b"Context: " + b"x" * 90 + b"\nQuestion: longer one?\n"
+    alone_ids, alone_mask = bytes_to_tensor([short], 128)
+    batch_ids, batch_mask = bytes_to_tensor([short, long], 128)
+    assert batch_ids.shape[1] > alone_ids.shape[1]
+    with torch.no_grad():
+        z_alone = enc(alone_ids, alone_mask)
+        z_batch = enc(batch_ids, batch_mask)
+    torch.testing.assert_close(z_batch[0], z_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_bytes_do_not_leak():
+    """Changing what sits in padded positions (they are masked) cannot change the latent."""
+    enc = _encoder()
+    ids, mask = bytes_to_tensor([b"abc", b"abcdefgh"], 128)
+    other = ids.clone()
+    other[0, 3:] = 65  # garbage where row 0 is padding
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids, mask)[0], enc(other, mask)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_slot_layout_shared_then_private():
+    enc = _encoder()
+    z = torch.arange(8).float().view(1, 8, 1).expand(1, 8, 16)
+    assert enc.slots_for(z, 0)[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert enc.slots_for(z, 1)[0, :, 0].tolist() == [0, 1, 2, 3, 6, 7]
+
+
+def test_latent_dropout_keeps_one_and_rescales():
+    z = torch.ones(64, 6, 3)
+    out = drop_shared_slots(z, 4, 0.01, torch.Generator().manual_seed(0))
+    kept = (out[:, :4, 0] != 0).sum(1)
+    assert kept.min() >= 1
+    assert torch.equal(out[:, 4:], z[:, 4:])
+    assert torch.allclose(out[:, :4][out[:, :4] != 0], torch.tensor(100.0))
+
+
+def test_adapter_calibrates_each_example_to_target_rms():
+    torch.manual_seed(0)
+    adapter = Adapter(AdapterConfig(hidden=32), d_z=16, n_slots=6, hidden_size=24, target_rms=0.02)
+    z = torch.randn(3, 6, 16) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
+    p = adapter(z)
+    rms = p.pow(2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(rms, torch.full((3,), 0.02), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,96 @@
+"""Receivers and the prefix contract: t=0 alignment, one pass = K passes, generation = training sequence."""
+
+import pytest
+import torch
+
+import kernels
+from latentwire.config import ReceiverConfig
+from latentwire.receivers import ContractError, PrefixContract
+
+
+def _merging_tokenizer():
+    """A BPE tokenizer with no pre-tokenizer, trained so that merges cross the anchor/answer boundary."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator(["Answer: Paris"] * 50, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def test_alignment_check_is_a_hard_error(tiny_receivers):
+    PrefixContract(tiny_receivers[0].tokenizer, "Answer:")  # byte-level BPE splits before " Paris": aligned
+    with pytest.raises(ContractError, match="t=0 alignment fails for answer 'Paris'"):
+        PrefixContract(_merging_tokenizer(), "Answer:")
+
+
+def test_bos_policy(tiny_receivers):
+    llama, qwen = tiny_receivers
+    assert llama.contract.latent_prefix_ids()[0] == llama.tokenizer.bos_token_id
+    assert qwen.contract.latent_prefix_ids() == qwen.contract.anchor_ids
+    never = PrefixContract(llama.tokenizer, "Answer:", "never")
+    assert never.latent_prefix_ids() == never.anchor_ids
+    with pytest.raises(ContractError, match="has no BOS"):
+        PrefixContract(qwen.tokenizer, "Answer:", "always")
+
+
+def test_answer_ends_with_eos_and_never_targets_bos(tiny_receivers):
+    for r in tiny_receivers:
+        ids = r.contract.answer_ids("Denver Broncos")
+        assert ids[-1] == r.contract.eos_id
+        assert r.tokenizer.bos_token_id not in ids[:-1] if r.tokenizer.bos_token_id is not None else True
+
+
+def test_k_token_one_pass_equals_k_separate_passes(tiny_receivers):
+    """Hidden states gathered at K positions from ONE teacher-forced pass give the same CE as K forward passes
+    that each see only the prefix up to the token they predict."""
+    torch.manual_seed(0)
+    for r in tiny_receivers:
+        c = r.contract
+        k = 4
+        answer = c.answer_ids("the Denver Broncos of 1990")
+        assert len(answer) > k
+        suffix = torch.tensor([c.latent_prefix_ids() + answer])
+        prefix = torch.randn(1, 5, r.hidden_size) * r.embed_rms
+        start = len(c.latent_prefix_ids())
+        hidden = r.latent_pass(prefix, suffix, torch.ones_like(suffix), start, k)
+        weight = r.model.get_output_embeddings().weight
+        targets = torch.tensor(answer[:k])
+        one_pass = kernels.k_token_cross_entropy(hidden[0], weight, targets)
+        separate = []
+        for j in range(k):
+            seq = torch.cat([prefix, r.embed(suffix[:, : start + j])], dim=1)
+            logits = r.model(inputs_embeds=seq).logits[0, -1]
+            separate.append(torch.nn.functional.cross_entropy(logits.unsqueeze(0), targets[j:j + 1]))
+        torch.testing.assert_close(one_pass, torch.stack(separate).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_generation_reads_the_training_sequence(tiny_receivers):
+    """The first greedy token from [P][BOS?][anchor] is the argmax the training pass sees at answer position 0."""
+    torch.manual_seed(1)
+    for r in tiny_receivers:
+        c = r.contract
+        prefix = torch.randn(2, 5, r.hidden_size) * r.embed_rms
+        tail = torch.tensor([c.latent_prefix_ids()] * 2)
+        embeds = torch.cat([prefix, r.embed(tail)], dim=1)
+        generated = r.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                     max_new_tokens=1, do_sample=False, pad_token_id=c.pad_id)
+        answer = torch.tensor([c.latent_prefix_ids() + [0, c.eos_id]] * 2)
+        hidden = r.latent_pass(prefix, answer, torch.ones_like(answer), len(c.latent_prefix_ids()), 1)
+        argmax = (hidden[:, 0] @ r.model.get_output_embeddings().weight.t()).argmax(-1)
+        assert generated[:, -1].tolist() == argmax.tolist()
+
+
+def test_generate_stops_at_max_new_tokens_or_eos(tiny_receivers):
+    r = tiny_receivers[0]
+    ids = torch.tensor([r.contract.text_prefix_ids("Context: x\nQuestion: y\n")])
+    out = r.generate(torch.ones_like(ids), 3, input_ids=ids)
+    assert len(out[0]) <= 3
+    assert r.contract.eos_id not in out[0]
+
+
+def test_missing_model_path_is_named(tmp_path):
+    from latentwire.receivers import Receiver
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Receiver.load(ReceiverConfig(name="x", path=str(tmp_path / "nowhere")), 8)
