@@ -133,6 +133,9 @@ class Supervisor:
             if self.stop_signal is not None:
                 self.log(f"command exited {status} after {signal.Signals(self.stop_signal).name}; not relaunching")
                 return status
+            if self.max_restarts == 0:
+                self.log(f"command exited {status} (OOM, relaunch requested); passing it on (--max_restarts 0)")
+                return status
             if self.restarts >= self.max_restarts:
                 self.log(f"command exited {status} (OOM, relaunch requested) but all {self.max_restarts} "
                          f"restarts are used up; giving up with exit code {status}")
