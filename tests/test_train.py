@@ -160,3 +160,11 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
     assert proc.returncode == 2
     assert "did you mean 'train.max_steps'" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_resolves_real_preset_without_loading_weights(tmp_path):
+    proc = run_cli(["launch/train.py", "--config", "configs/llama8b_qwen7b.json", "--output_dir",
+                    str(tmp_path / "dry"), "--dry_run"])
+    assert '"meta-llama/Llama-3.1-8B-Instruct"' in proc.stdout and "Qwen/Qwen2.5-7B-Instruct" in proc.stdout
+    assert "device plan" in proc.stdout or "plan" in proc.stdout.lower()
+    assert not (tmp_path / "dry").exists()
