@@ -56,6 +56,7 @@ SHAPES = {
         "cuda": [dict(B=64, M=32, D=4096), dict(B=64, M=32, D=3584), dict(B=256, M=64, D=4096)],
     },
 }
+BUDGET_MS = {"cpu": 5000.0, "cuda": 1000.0}  # timed wall time per provider when --reps is not given
 TEMPERATURE = 2.0
 TARGET_RMS = 0.02
 
@@ -224,7 +225,9 @@ def run_worker(spec: dict) -> dict:
             base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     times_ms = []
-    for i in range(spec["warmup"] + spec["reps"]):
+    reps = spec["reps"]
+    i = 0
+    while i < spec["warmup"] + (reps or 5):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -238,6 +241,9 @@ def run_worker(spec: dict) -> dict:
             elapsed = (time.perf_counter() - t0) * 1e3
         if i >= spec["warmup"]:
             times_ms.append(elapsed)
+        elif reps is None:  # adaptive: about BUDGET_MS of timed calls, at least 5, at most 100
+            reps = min(100, max(5, int(BUDGET_MS[device] / max(elapsed, 1e-3))))
+        i += 1
 
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20
@@ -349,7 +355,7 @@ def run_sweep(args) -> list[dict]:
         raise SystemExit(f"--modes takes {MODES}")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     warmup = args.warmup if args.warmup is not None else (1 if args.device == "cpu" else 5)
-    reps = args.reps if args.reps is not None else (5 if args.device == "cpu" else 20)
+    reps = args.reps  # None: adaptive, see BUDGET_MS
     common = dict(device=_device_name(args.device), versions=_versions(), git_sha=_git_sha(),
                   date=datetime.date.today().isoformat())
     rows = []
@@ -411,7 +417,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", help="comma-separated indices into the op's shape list for this device")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default fp32 CPU, bf16 CUDA")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 CPU, 5 CUDA)")
-    parser.add_argument("--reps", type=int, help="timed calls (default 5 CPU, 20 CUDA)")
+    parser.add_argument("--reps", type=int, help="timed calls (default: 5 to 100, about 5 s CPU / 1 s CUDA)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     parser.add_argument("--markdown", metavar="CSV", help="print the README table of a results CSV and exit")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)

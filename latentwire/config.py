@@ -27,7 +27,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 BOS_POLICIES = ("auto", "always", "never")
 PRECISIONS = ("fp16", "int8", "int4")
 DATA_FORMATS = ("auto", "squad", "hotpot", "nq")
-RESERVED_RECEIVER_NAMES = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision")
+RESERVED_RECEIVER_NAMES = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision", "paths",
+                           "data")
+# Evaluation paths a metric name may refer to (see latentwire/eval.py); `latent_<precision>` decodes that precision.
+EVAL_PATHS = ("text", "latent", "latent_fp16", "latent_int8", "latent_int4", "token_budget", "byte_budget",
+              "embed_raw", "embed_anchor", "embed_resampled")
+EVAL_METRIC_KEYS = ("em", "f1", "nll", "first_tok_top1", "first_tok_top5")
 
 
 @dataclass
@@ -117,6 +122,7 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept on disk
     log_every: int = 1  # tqdm postfix interval; metrics.jsonl gets every step
     seed: int = 0  # model init and step-keyed randomness
+    diagnostics_every: int = 0  # every N steps log first-token diversity, slot cosine, grad norms at Z (0 = off)
 
 
 @dataclass
@@ -126,9 +132,13 @@ class EvalConfig:
     max_new_tokens: int = 12  # greedy decode cap (never the gold length)
     wire_precision: str = "int8"  # precision of the payload the latent path decodes from
     precisions: list[str] = field(default_factory=lambda: ["fp16", "int8", "int4"])  # payload sizes reported
-    group_size: int = 32  # wire quantization group
+    group_size: int = 64  # wire quantization group (64 keeps int4 scales under 10% of the payload)
     at_end: bool = True  # evaluate after training
-    latency_repeats: int = 3  # timed repeats for the latency section
+    latency_repeats: int = 3  # timed prefill + decode repeats per batch, path and receiver
+    embed_replay: bool = True  # also run the embedding-replay baselines (embed_raw / embed_anchor / embed_resampled)
+    every: int = 0  # held-out evaluation every N optimizer steps during training (0 = off)
+    periodic_examples: int = 16  # examples of each periodic evaluation (0 = eval.max_examples)
+    best_metric: str = "latent_f1_mean"  # <path>_<em|f1|nll|first_tok_top1|first_tok_top5>_<mean|receiver name>
 
 
 @dataclass
@@ -362,6 +372,35 @@ def validate(cfg: Config) -> None:
     _check_choice("eval.wire_precision", ev.wire_precision, PRECISIONS)
     for i, prec in enumerate(ev.precisions):
         _check_choice(f"eval.precisions.{i}", prec, PRECISIONS)
+    if ev.group_size > 65535:
+        raise ConfigError(f"eval.group_size: must be <= 65535 (a u16 on the wire), got {ev.group_size}")
+    _check_positive("eval.latency_repeats", ev.latency_repeats)
+    _check_positive("eval.every", ev.every, allow_zero=True)
+    _check_positive("eval.periodic_examples", ev.periodic_examples, allow_zero=True)
+    parse_metric_name(ev.best_metric, names)
+
+
+def parse_metric_name(metric: str, receiver_names: list[str] | None) -> tuple[str, str, str]:
+    """'latent_f1_mean' -> ('latent', 'f1', 'mean'); 'text_nll_qwen' -> ('text', 'nll', 'qwen').
+
+    The last part is 'mean' (over receivers) or one of `receiver_names` (not checked when None); raises
+    ConfigError naming eval.best_metric.
+    """
+    for path in sorted(EVAL_PATHS, key=len, reverse=True):
+        if not metric.startswith(path + "_"):
+            continue
+        rest = metric[len(path) + 1:]
+        for key in sorted(EVAL_METRIC_KEYS, key=len, reverse=True):
+            if rest.startswith(key + "_"):
+                who = rest[len(key) + 1:]
+                if who == "mean" or receiver_names is None or who in receiver_names:
+                    return path, key, who
+                raise ConfigError(f"eval.best_metric: '{metric}' ends in '{who}', which is neither 'mean' nor a "
+                                  f"receiver name ({', '.join(receiver_names)})")
+        raise ConfigError(f"eval.best_metric: '{metric}' has no metric after '{path}_'; expected one of "
+                          f"{', '.join(EVAL_METRIC_KEYS)}")
+    raise ConfigError(f"eval.best_metric: '{metric}' must look like <path>_<metric>_<mean|receiver>, with path one "
+                      f"of {', '.join(EVAL_PATHS)} (e.g. latent_f1_mean)")
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -1,32 +1,74 @@
-"""Evaluation: per receiver, the `text`, `latent` and `token_budget` paths on the same held-out examples.
+"""Evaluation: every receiver on every path, on the same held-out examples, plus wire bytes and latency.
 
-    text          the frozen receiver reads [BOS][prompt][anchor]
-    latent        it reads [P][BOS?][anchor], P decoded from the real serialized wire payload
-    token_budget  it reads the prompt cut to as many tokens as it gets latent slots
+Paths (what the frozen receiver reads before generating; `[anchor]` is e.g. "Answer:"):
 
-Greedy decoding stops at EOS or `eval.max_new_tokens` only; gold answers are used for scoring (EM/F1 with the
-official SQuAD normalization, teacher-forced NLL, first-token top-1/top-5), never as input. Also reported: real
-wire bytes per precision against the prompt's UTF-8 and zstd bytes, and prefill / per-token decode latency.
-Run it from a checkpoint with `python launch/eval.py --checkpoint DIR/checkpoints/latest --output_dir OUT`.
+    text             [BOS][prompt][anchor] as token ids: the full prompt
+    latent           [P][BOS?][anchor], P decoded from the real serialized payload at `eval.wire_precision`
+    latent_<prec>    the same from the payload at another configured precision (`eval.precisions`)
+    token_budget     [BOS][first M prompt tokens][anchor], M = the slots this receiver reads
+    byte_budget      [BOS][first N prompt bytes][anchor], N = the length of the example's int8 payload
+    embed_raw        the `text` sequence, fed as the receiver's own input embeddings (`inputs_embeds`); must equal
+                     `text` exactly, which proves the embedding path is sound before anyone blames the latent
+    embed_anchor     [E(prompt)][BOS?][anchor]: prompt embeddings in the latent's place, the latent's suffix
+    embed_resampled  prompt embeddings mean-pooled to M slots, then the trained adapter's output stage (slot
+                     positions + RMS calibration; its MLP reads d_z, not H), then [BOS?][anchor]
+
+Greedy decoding stops at EOS or `eval.max_new_tokens` only. Gold answers are used for scoring only (EM/F1 with the
+official SQuAD normalization, teacher-forced NLL of answer+EOS, first-token top-1/top-5), never as input. Results
+are also broken down per dataset (`by_source`). Latency times the prefill and each decode step separately
+(synchronized on GPU). `periodic_eval` / `update_best` are the pieces the training loop calls to keep
+`checkpoints/best`.
+
+Run it from a checkpoint: `python launch/eval.py --checkpoint DIR/checkpoints/latest --output_dir OUT`.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import zstandard
 
+import kernels
 from latentwire import metrics, wire
-from latentwire.data import Example, _pad, prompt_text
+from latentwire.config import EVAL_METRIC_KEYS, RESERVED_RECEIVER_NAMES, parse_metric_name
+from latentwire.data import DataStats, Example, _pad, prompt_text
 from latentwire.encoder import bytes_to_tensor
 from latentwire.model import LatentWire
-from latentwire.receivers import Receiver
+from latentwire.receivers import Receiver, gathered
 
-PATHS = ("text", "latent", "token_budget")
-RESERVED_KEYS = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision")
+CONTRACT_PATHS = ("text", "latent", "token_budget")  # the paths every metrics.json has
+REPLAY_PATHS = ("embed_raw", "embed_anchor", "embed_resampled")
+RESERVED_KEYS = RESERVED_RECEIVER_NAMES
+BYTE_BUDGET_PRECISION = "int8"
+BITS = {"fp16": 16, "int8": 8, "int4": 4}
+BEST_LINK = "best"
+BEST_FILE = "best.json"
+
+
+def eval_paths(ev) -> list[str]:
+    """The paths a full evaluation runs, in report order."""
+    paths = ["text", "latent"] + [f"latent_{p}" for p in ev.precisions if p != ev.wire_precision]
+    paths += ["token_budget", "byte_budget"]
+    if ev.embed_replay:
+        paths += list(REPLAY_PATHS)
+    return list(dict.fromkeys(paths))
+
+
+def path_precision(path: str, ev) -> str | None:
+    """The wire precision a latent path decodes from (None for the text-side paths)."""
+    if path == "latent":
+        return ev.wire_precision
+    if path.startswith("latent_"):
+        return path[len("latent_"):]
+    return None
 
 
 def _batches(items: list, size: int):
@@ -34,10 +76,112 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def _left_padded_embeds(receiver: Receiver, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = _pad(rows, receiver.contract.pad_id, left=True)
-    ids, mask = ids.to(receiver.device), mask.to(receiver.device)
-    return receiver.embed(ids), mask
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (L_i, H) -> left-padded (B, L, H) with zeros and mask (B, L)."""
+    length = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.long, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, length - s.shape[0]:] = s
+        mask[i, length - s.shape[0]:] = 1
+    return out, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what each path feeds the receiver
+
+
+def latent_inputs(model: LatentWire, name: str, z: torch.Tensor,
+                  between: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (B, M_total, d_z) decoded from the wire -> inputs_embeds (B, L, H) = [P][BOS?][anchor] and mask (B, L).
+
+    `between` (one string per row) puts text between the BOS and the anchor (the inference API's optional
+    question); rows are then left-padded to one length.
+    """
+    receiver = model.receivers[name]
+    contract = receiver.contract
+    prefix = model.prefix(z, name).to(receiver.dtype)
+    if between is None:
+        tail = torch.tensor(contract.latent_prefix_ids(), device=prefix.device).expand(z.shape[0], -1)
+        embeds = torch.cat([prefix, receiver.embed(tail)], dim=1)
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=prefix.device)
+    bos = [contract.bos_id] if contract.latent_bos else []
+    rows = [bos + contract.encode(text) + contract.anchor_ids for text in between]
+    seqs = [torch.cat([prefix[i], receiver.embed(torch.tensor(row, device=prefix.device))], dim=0)
+            for i, row in enumerate(rows)]
+    return _left_pad(seqs)
+
+
+def resampled_inputs(model: LatentWire, name: str, prompt_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt token embeddings (T_i, H) mean-pooled to the adapter's M slots, + slot positions, RMS-calibrated
+    like the adapter's output, then [BOS?][anchor] -> (B, M + tail, H), mask."""
+    receiver = model.receivers[name]
+    adapter = model.adapters[name]
+    device = receiver.device
+    pooled = []
+    for row in prompt_rows:
+        emb = receiver.embed(torch.tensor(row, device=device)).float()  # (T, H)
+        pooled.append(F.adaptive_avg_pool1d(emb.T.unsqueeze(0), adapter.n_slots)[0].T)  # (M, H)
+    with gathered([adapter.slot_pos]):
+        prefix = torch.stack(pooled) + adapter.slot_pos.detach().float().to(device)
+    if adapter.cfg.calibrate:
+        prefix = kernels.rms_calibrate(prefix, float(adapter.target_rms))
+    tail = torch.tensor(receiver.contract.latent_prefix_ids(), device=device).expand(len(prompt_rows), -1)
+    embeds = torch.cat([prefix.to(receiver.dtype), receiver.embed(tail)], dim=1)
+    return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+
+
+def _cut_utf8(text: str, n_bytes: int) -> str:
+    return text.encode("utf-8")[:n_bytes].decode("utf-8", errors="ignore")
+
+
+def path_inputs(model: LatentWire, name: str, path: str, prompts: list[str], latents: dict,
+                payload_lens: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
+    """(inputs_embeds (B, L, H), mask (B, L), input_ids (B, L) or None, bytes each row transmits) for one path.
+
+    `latents` maps precision -> decoded z (B, M_total, d_z); `payload_lens` precision -> payload bytes per row.
+    Rows are left-padded. Token-id paths (text, token_budget, byte_budget) also return their ids, so generation
+    runs from ids exactly as a plain text prompt would.
+    """
+    cfg = model.cfg
+    receiver = model.receivers[name]
+    contract = receiver.contract
+    device = receiver.device
+    utf8 = [len(p.encode("utf-8")) for p in prompts]
+    precision = path_precision(path, cfg.eval)
+    if precision is not None:
+        embeds, mask = latent_inputs(model, name, latents[precision])
+        return embeds, mask, None, list(payload_lens[precision])
+    if path == "embed_resampled":
+        embeds, mask = resampled_inputs(model, name, [contract.encode(p) for p in prompts])
+        return embeds, mask, None, utf8
+    if path == "embed_anchor":
+        rows = [contract.encode(p) + contract.latent_prefix_ids() for p in prompts]
+        ids, mask = _pad(rows, contract.pad_id, left=True)
+        return receiver.embed(ids.to(device)), mask.to(device), None, utf8
+    if path in ("text", "embed_raw"):
+        rows, nbytes = [contract.text_prefix_ids(p) for p in prompts], utf8
+    elif path == "token_budget":
+        m_read = cfg.encoder.m_shared + cfg.encoder.m_private
+        rows = [contract.text_prefix_ids(p, max_prompt_tokens=m_read) for p in prompts]
+        nbytes = [len(receiver.tokenizer.decode(contract.encode(p)[:m_read]).encode("utf-8")) for p in prompts]
+    elif path == "byte_budget":
+        cuts = [_cut_utf8(p, n) for p, n in zip(prompts, payload_lens[BYTE_BUDGET_PRECISION])]
+        rows, nbytes = [contract.text_prefix_ids(c) for c in cuts], [len(c.encode("utf-8")) for c in cuts]
+    else:
+        raise ValueError(f"unknown evaluation path {path!r}")
+    ids, mask = _pad(rows, contract.pad_id, left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    return receiver.embed(ids), mask, (None if path == "embed_raw" else ids), nbytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring and timing
 
 
 @torch.no_grad()
@@ -70,111 +214,30 @@ def score_answers(receiver: Receiver, head, prefix_embeds: torch.Tensor, prefix_
     return nll, n_tokens.tolist(), top1_hit, top5_hit
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, (time.perf_counter() - start) * 1000.0
-
-
 @torch.no_grad()
-def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, features: list[str] | None = None):
-    """Evaluate every receiver on every path. Returns (metrics dict in the contract layout, predictions rows).
-
-    Every rank must call this with the same examples when the receivers are ZeRO-3 partitioned (`synced`).
-    """
-    cfg = model.cfg
-    ev = cfg.eval
-    was_training = model.training
-    model.eval()
-    examples = examples[: ev.max_examples] if ev.max_examples else examples
-    if not examples:
-        raise ValueError("evaluation needs at least one example (eval.max_examples and the eval split are empty)")
-    device = next(model.encoder.parameters()).device
-    m_read = cfg.encoder.m_shared + cfg.encoder.m_private
-    sums = {n: {p: {"em": [], "f1": [], "nll": [], "top1": [], "top5": []} for p in PATHS} for n in model.names}
-    lat = {n: {p: {"prefill_ms": [], "decode_ms_per_token": []} for p in PATHS} for n in model.names}
-    prompt_tokens = {n: [] for n in model.names}
-    payload_bytes = {p: [] for p in ev.precisions}
-    text_utf8, text_zstd = [], []
-    zstd = zstandard.ZstdCompressor(level=19)
-    rows = [{"id": ex.id, "answers": ex.answers, "predictions": {}} for ex in examples]
-
-    for start, chunk in zip(range(0, len(examples), ev.batch_size), _batches(examples, ev.batch_size)):
-        prompts = [prompt_text(ex, cfg.data.max_prompt_bytes) for ex in chunk]
-        encoded = [p.encode("utf-8") for p in prompts]
-        text_utf8 += [len(b) for b in encoded]
-        text_zstd += [len(zstd.compress(b)) for b in encoded]
-        byte_ids, byte_mask = bytes_to_tensor(encoded, cfg.data.max_prompt_bytes)
-        z = model.encode(byte_ids.to(device), byte_mask.to(device)).float().cpu()
-        for precision in ev.precisions:
-            payload_bytes[precision] += [len(p) for p in wire.encode_batch(z, precision, ev.group_size)]
-        # The latent path reads what crossed the wire, not the encoder's in-memory tensor.
-        z_wire = wire.decode_batch(wire.encode_batch(z, ev.wire_precision, ev.group_size)).to(device)
-        golds = [ex.answers for ex in chunk]
-        for name, receiver in model.receivers.items():
-            contract = receiver.contract
-            prompt_tokens[name] += [len(contract.encode(p)) for p in prompts]
-            prefixes = {}
-            p = model.prefix(z_wire, name)
-            tail = torch.tensor(contract.latent_prefix_ids(), device=device).expand(len(chunk), -1)
-            latent_embeds = torch.cat([p.to(receiver.dtype), receiver.embed(tail)], dim=1)
-            prefixes["latent"] = (latent_embeds, torch.ones(latent_embeds.shape[:2], dtype=torch.long, device=device),
-                                  None)
-            for path, cap in (("text", None), ("token_budget", m_read)):
-                ids_rows = [contract.text_prefix_ids(pr, max_prompt_tokens=cap) for pr in prompts]
-                ids, mask = _pad(ids_rows, contract.pad_id, left=True)
-                prefixes[path] = (receiver.embed(ids.to(device)), mask.to(device), ids.to(device))
-            for path in PATHS:
-                embeds, mask, ids = prefixes[path]
-                gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
-                _, prefill_ms = _timed(lambda: receiver.model.get_decoder()(
-                    inputs_embeds=embeds.to(receiver.dtype), attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True))
-                tokens, gen_ms = _timed(lambda: receiver.generate(mask, ev.max_new_tokens, synced=synced,
-                                                                  **gen_kwargs))
-                preds = [receiver.decode(t) for t in tokens]
-                steps = max(1, max(len(t) for t in tokens) + 1)
-                lat[name][path]["prefill_ms"].append(prefill_ms)
-                lat[name][path]["decode_ms_per_token"].append(max(0.0, gen_ms - prefill_ms) / steps)
-                nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask, [g[0] for g in golds])
-                s = sums[name][path]
-                for i, (pred, gold) in enumerate(zip(preds, golds)):
-                    s["em"].append(metrics.exact_match(pred, gold))
-                    s["f1"].append(metrics.f1_score(pred, gold))
-                    rows[start + i]["predictions"].setdefault(name, {})[path] = pred
-                s["nll"] += nll
-                s["top1"] += [float(x) for x in top1]
-                s["top5"] += [float(x) for x in top5]
-
-    result: dict = {}
-    for name in model.names:
-        result[name] = {}
-        for path in PATHS:
-            s = sums[name][path]
-            entry = {"em": 100.0 * statistics.fmean(s["em"]), "f1": 100.0 * statistics.fmean(s["f1"]),
-                     "nll": statistics.fmean(s["nll"]), "first_tok_top1": 100.0 * statistics.fmean(s["top1"]),
-                     "first_tok_top5": 100.0 * statistics.fmean(s["top5"]), "n": len(s["em"])}
-            result[name][path] = entry
-    n_slots = model.encoder.n_slots
-    result["wire"] = {
-        "latent_slots": n_slots,
-        "latent_dim": cfg.encoder.d_z,
-        "latent_bytes": {p: statistics.fmean(v) for p, v in payload_bytes.items()},
-        "text_bytes_utf8": statistics.fmean(text_utf8),
-        "text_bytes_zstd": statistics.fmean(text_zstd),
-        "token_compression": {n: statistics.fmean(prompt_tokens[n]) / m_read for n in model.names},
-        "slots_per_receiver": m_read,
-    }
-    result["latency"] = {n: {p: {k: _median_p90(v) for k, v in lat[n][p].items()} for p in PATHS}
-                         for n in model.names}
-    result["features"] = list(features or [])
-    result["wire_precision"] = ev.wire_precision
-    result["n_examples"] = len(examples)
-    result["receivers"] = list(model.names)
-    model.train(was_training)
-    return result, rows
+def time_prefill_decode(receiver: Receiver, embeds: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Milliseconds of one prefill over embeds (B, L, H) and the mean of `steps` greedy decode steps with the KV
+    cache. Always exactly `steps` steps (no early EOS), so every ZeRO-3 rank runs the same forwards."""
+    model = receiver.model
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    _sync()
+    start = time.perf_counter()
+    out = model(inputs_embeds=embeds.to(receiver.dtype), attention_mask=mask, position_ids=position_ids,
+                use_cache=True, **keep)
+    next_token = out.logits[:, -1].argmax(-1)
+    _sync()
+    prefill_ms = (time.perf_counter() - start) * 1000.0
+    cache, position = out.past_key_values, position_ids[:, -1:]
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position = position + 1
+        out = model(inputs_embeds=receiver.embed(next_token[:, None]), attention_mask=mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+        cache, next_token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    _sync()
+    return prefill_ms, (time.perf_counter() - start) * 1000.0 / max(1, steps)
 
 
 def _median_p90(values: list[float]) -> dict:
@@ -182,27 +245,244 @@ def _median_p90(values: list[float]) -> dict:
     return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
 
 
+def _summary(rec: dict, rows: list[int]) -> dict:
+    pick = {k: [v[i] for i in rows] for k, v in rec.items()}
+    return {"em": 100.0 * statistics.fmean(pick["em"]), "f1": 100.0 * statistics.fmean(pick["f1"]),
+            "nll": statistics.fmean(pick["nll"]), "first_tok_top1": 100.0 * statistics.fmean(pick["top1"]),
+            "first_tok_top5": 100.0 * statistics.fmean(pick["top5"]), "bytes": statistics.fmean(pick["bytes"]),
+            "n": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the evaluation
+
+
+@torch.no_grad()
+def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, features: list[str] | None = None,
+             paths: list[str] | None = None, max_examples: int | None = None, latency: bool = True):
+    """Evaluate every receiver on `paths` (default: `eval_paths(cfg.eval)`). Returns (metrics dict in the
+    contract layout, one predictions row per example).
+
+    Every rank must call this with the same arguments when the receivers are ZeRO-3 partitioned (`synced`).
+    """
+    cfg = model.cfg
+    ev = cfg.eval
+    paths = list(dict.fromkeys(paths or eval_paths(ev)))
+    limit = ev.max_examples if max_examples is None else max_examples
+    examples = examples[:limit] if limit else list(examples)
+    if not examples:
+        raise ValueError("evaluation needs at least one example (eval.max_examples and the eval split are empty)")
+    was_training = model.training
+    model.eval()
+    device = next(model.encoder.parameters()).device
+    m_read = cfg.encoder.m_shared + cfg.encoder.m_private
+    needed = [path_precision(p, ev) for p in paths if path_precision(p, ev)]
+    if "byte_budget" in paths:
+        needed.append(BYTE_BUDGET_PRECISION)
+    precisions = list(dict.fromkeys(list(ev.precisions) + needed))
+
+    fields = ("em", "f1", "nll", "top1", "top5", "bytes")
+    recs = {n: {p: {f: [] for f in fields} for p in paths} for n in model.names}
+    lat = {n: {p: {"prefill_ms": [], "decode_ms_per_token": []} for p in paths} for n in model.names}
+    prompt_tokens = {n: [] for n in model.names}
+    payload_bytes = {p: [] for p in ev.precisions}
+    text_utf8, text_zstd = [], []
+    zstd = zstandard.ZstdCompressor(level=19)
+    stats = {src: DataStats() for src in dict.fromkeys(ex.source for ex in examples)}
+    rows = [{"id": ex.id, "source": ex.source, "answers": ex.answers, "predictions": {}} for ex in examples]
+
+    for start, chunk in zip(range(0, len(examples), ev.batch_size), _batches(examples, ev.batch_size)):
+        prompts = [prompt_text(ex, cfg.data.max_prompt_bytes, stats[ex.source]) for ex in chunk]
+        encoded = [p.encode("utf-8") for p in prompts]
+        text_utf8 += [len(b) for b in encoded]
+        text_zstd += [len(zstd.compress(b)) for b in encoded]  # each prompt alone, as it would be sent
+        byte_ids, byte_mask = bytes_to_tensor(encoded, cfg.data.max_prompt_bytes)
+        z = model.encode(byte_ids.to(device), byte_mask.to(device)).float().cpu()
+        # The latent paths read what crossed the wire, not the encoder's in-memory tensor.
+        payloads = {p: wire.encode_batch(z, p, ev.group_size) for p in precisions}
+        payload_lens = {p: [len(b) for b in payloads[p]] for p in precisions}
+        for p in ev.precisions:
+            payload_bytes[p] += payload_lens[p]
+        latents = {p: wire.decode_batch(payloads[p]).to(device) for p in dict.fromkeys(needed)}
+        golds = [ex.answers for ex in chunk]
+        for name, receiver in model.receivers.items():
+            prompt_tokens[name] += [len(receiver.contract.encode(p)) for p in prompts]
+            for path in paths:
+                embeds, mask, ids, nbytes = path_inputs(model, name, path, prompts, latents, payload_lens)
+                gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
+                tokens = receiver.generate(mask, ev.max_new_tokens, synced=synced, **gen_kwargs)
+                for i, t in enumerate(tokens):
+                    rows[start + i]["predictions"].setdefault(name, {})[path] = receiver.decode(t)
+                if latency:
+                    for _ in range(ev.latency_repeats):
+                        prefill, decode = time_prefill_decode(receiver, embeds, mask, ev.max_new_tokens)
+                        lat[name][path]["prefill_ms"].append(prefill)
+                        lat[name][path]["decode_ms_per_token"].append(decode)
+                nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask, [g[0] for g in golds])
+                rec = recs[name][path]
+                for i, gold in enumerate(golds):
+                    pred = rows[start + i]["predictions"][name][path]
+                    rec["em"].append(metrics.exact_match(pred, gold))
+                    rec["f1"].append(metrics.f1_score(pred, gold))
+                rec["nll"] += nll
+                rec["top1"] += [float(x) for x in top1]
+                rec["top5"] += [float(x) for x in top5]
+                rec["bytes"] += [float(b) for b in nbytes]
+
+    by_source = {src: [i for i, ex in enumerate(examples) if ex.source == src] for src in stats}
+    everyone = list(range(len(examples)))
+    result: dict = {}
+    for name in model.names:
+        result[name] = {}
+        for path in paths:
+            entry = _summary(recs[name][path], everyone)
+            entry["by_source"] = {src: _summary(recs[name][path], idx) for src, idx in by_source.items()}
+            result[name][path] = entry
+    n_slots = model.encoder.n_slots
+    result["wire"] = {
+        "latent_slots": n_slots,  # everything on the wire: shared + every receiver's private slots
+        "latent_dim": cfg.encoder.d_z,
+        "latent_bytes": {p: statistics.fmean(v) for p, v in payload_bytes.items()},
+        "latent_bytes_ideal": {p: n_slots * cfg.encoder.d_z * BITS[p] / 8 for p in ev.precisions},
+        "group_size": ev.group_size,
+        "text_bytes_utf8": statistics.fmean(text_utf8),
+        "text_bytes_zstd": statistics.fmean(text_zstd),
+        "token_compression": {n: statistics.fmean(prompt_tokens[n]) / m_read for n in model.names},
+        "slots_per_receiver": m_read,
+    }
+    result["latency"] = ({n: {p: {k: _median_p90(v) for k, v in lat[n][p].items()} for p in paths}
+                          for n in model.names} if latency else {})
+    result["features"] = list(features or [])
+    result["wire_precision"] = ev.wire_precision
+    result["n_examples"] = len(examples)
+    result["receivers"] = list(model.names)
+    result["paths"] = paths
+    result["data"] = {"sources": {s: len(idx) for s, idx in by_source.items()},
+                      "prompts_truncated": {s: st.prompts_truncated for s, st in stats.items()},
+                      "invalid_utf8": {s: st.invalid_utf8 for s, st in stats.items()},
+                      "max_prompt_bytes": cfg.data.max_prompt_bytes}
+    model.train(was_training)
+    return result, rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# periodic evaluation during training and the best checkpoint
+
+
+def metric_value(result: dict, metric: str) -> float:
+    """The value of a metric name such as 'latent_f1_mean' (see `config.parse_metric_name`) in an eval result."""
+    path, key, who = parse_metric_name(metric, result["receivers"])
+    names = result["receivers"] if who == "mean" else [who]
+    values = []
+    for name in names:
+        entry = result[name].get(path)
+        if entry is None and path == f"latent_{result['wire_precision']}":
+            entry = result[name]["latent"]
+        if entry is None:
+            raise KeyError(f"metric {metric!r}: path {path!r} was not evaluated (paths: {result['paths']})")
+        values.append(entry[key])
+    return statistics.fmean(values)
+
+
+def lower_is_better(metric: str) -> bool:
+    """NLL falls as the model improves; EM, F1 and first-token accuracy rise."""
+    return parse_metric_name(metric, None)[1] == "nll"
+
+
+@torch.no_grad()
+def periodic_eval(model: LatentWire, examples: list[Example], step: int, synced: bool = False) -> dict:
+    """A quick held-out evaluation during training: `eval.periodic_examples` examples, the `latent` path plus
+    the path `eval.best_metric` names, no latency. Every rank must call it with the same arguments.
+
+    Returns {"step", "metric", "value", "log": {"eval/<path>_<key>/<receiver>": v, "eval/<metric>": value}}.
+    """
+    ev = model.cfg.eval
+    path, _, _ = parse_metric_name(ev.best_metric, model.names)
+    if path == f"latent_{ev.wire_precision}":
+        path = "latent"
+    paths = list(dict.fromkeys(["latent", path]))
+    result, _ = evaluate(model, examples, synced=synced, paths=paths,
+                         max_examples=ev.periodic_examples or ev.max_examples, latency=False)
+    value = metric_value(result, ev.best_metric)
+    log = {f"eval/{p}_{k}/{n}": result[n][p][k] for n in model.names for p in paths for k in EVAL_METRIC_KEYS}
+    log[f"eval/{ev.best_metric}"] = value
+    return {"step": step, "metric": ev.best_metric, "value": value, "log": log}
+
+
+def read_best(ckpt_root: str | Path) -> dict | None:
+    """The record of `checkpoints/best` ({"metric", "value", "step", "checkpoint"}), or None."""
+    path = Path(ckpt_root) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_better(value: float, best: dict | None, metric: str) -> bool:
+    """Whether `value` of `metric` beats the recorded best (a record of another metric does not count)."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or best.get("metric") != metric:
+        return True
+    return value < best["value"] if lower_is_better(metric) else value > best["value"]
+
+
+def update_best(ckpt_root: str | Path, step_dir: str | Path, value: float, metric: str) -> bool:
+    """Point `checkpoints/best` at `step_dir` if `value` beats the recorded best; returns whether it moved.
+
+    Rank 0 only. Like `latest`, the link is replaced atomically (a temporary symlink renamed over it), and
+    `best.json` records metric, value and step next to it, so a resumed run keeps comparing against its peak.
+    """
+    root, step_dir = Path(ckpt_root), Path(step_dir)
+    if not step_dir.is_dir() or step_dir.resolve().parent != root.resolve():
+        raise FileNotFoundError(f"best checkpoint candidate {step_dir} is not a directory inside {root}")
+    if not is_better(value, read_best(root), metric):
+        return False
+    record = {"metric": metric, "value": value, "checkpoint": step_dir.name,
+              "step": json.loads((step_dir / "trainer_state.json").read_text())["step"]
+              if (step_dir / "trainer_state.json").is_file() else None}
+    tmp = root / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, root / BEST_FILE)
+    link_tmp = root / ".best_tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    link_tmp.symlink_to(step_dir.name)
+    os.replace(link_tmp, root / BEST_LINK)
+    return True
+
+
+def best_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The step directory `checkpoints/best` points to (pruning must keep it), or None."""
+    link = Path(ckpt_root) / BEST_LINK
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs and loading
+
+
 def format_table(result: dict) -> str:
-    """Markdown table: receiver x path with EM / F1 / first-token / NLL, then the wire bytes."""
-    lines = ["| receiver | path | EM | F1 | FirstTok@1 | FirstTok@5 | NLL |", "|---|---|---|---|---|---|---|"]
-    for name in result["receivers"]:
-        for path in PATHS:
-            e = result[name][path]
-            lines.append(f"| {name} | {path} | {e['em']:.2f} | {e['f1']:.2f} | {e['first_tok_top1']:.1f} | "
-                         f"{e['first_tok_top5']:.1f} | {e['nll']:.3f} |")
-    w = result["wire"]
-    sizes = ", ".join(f"{p} {b:.0f} B" for p, b in w["latent_bytes"].items())
-    comp = ", ".join(f"{n} {c:.1f}x" for n, c in w["token_compression"].items())
-    lines.append("")
-    lines.append(f"wire: {w['latent_slots']} slots x {w['latent_dim']} dims -> {sizes}; text {w['text_bytes_utf8']:.0f} B "
-                 f"UTF-8, {w['text_bytes_zstd']:.0f} B zstd; token compression {comp} ({result['n_examples']} examples)")
-    return "\n".join(lines)
+    """Markdown table: receiver x path with EM / F1 / first-token / NLL / bytes, then the wire line."""
+    from latentwire.report import results_table, wire_line
+
+    return results_table(result) + "\n\n" + wire_line(result)
+
+
+def write_outputs(result: dict, rows: list[dict], out_dir: str | Path, metrics_jsonl: str | Path | None = None,
+                  plots: bool = True) -> Path:
+    """Write metrics.json, predictions.jsonl, report.md and the PNG plots into out_dir (rank 0 only)."""
+    from latentwire.report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "predictions.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    write_report(result, out, metrics_jsonl, plots=plots)
+    return out
 
 
 def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = None):
     """Rebuild config, receivers and trainable weights from a checkpoint directory alone -> (cfg, model)."""
-    import json as _json
-
     from safetensors.torch import load_file
 
     from latentwire import config as config_lib
@@ -214,7 +494,7 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = 
     verify_checkpoint(path)
     cfg = config_lib.load_config(path / "config.json", overrides)
     receivers = [Receiver.load(r, cfg.data.max_answer_tokens) for r in cfg.receivers]
-    saved_contracts = _json.loads((path / "contract.json").read_text())
+    saved_contracts = json.loads((path / "contract.json").read_text())
     for r in receivers:
         now = r.contract.to_dict()
         if saved_contracts.get(r.cfg.name) != now:

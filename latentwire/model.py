@@ -14,7 +14,7 @@ from latentwire.adapters import Adapter
 from latentwire.config import Config
 from latentwire.encoder import ByteEncoder, drop_shared_slots
 from latentwire.losses import LMHeadLoss
-from latentwire.receivers import Receiver
+from latentwire.receivers import Receiver, is_partitioned
 
 
 def keep_probability(cfg: Config, step: int) -> float:
@@ -38,6 +38,8 @@ class LatentWire(nn.Module):
             for r in receivers})
         self.receivers = nn.ModuleDict({r.cfg.name: r for r in receivers})
         self.heads = nn.ModuleDict({r.cfg.name: LMHeadLoss(r.model.get_output_embeddings()) for r in receivers})
+        self.inject_oom_at: int | None = None  # fault injection (LATENTWIRE_INJECT_OOM_AT_STEP), set by the trainer
+        self.inject_oom_fired: int | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -56,7 +58,14 @@ class LatentWire(nn.Module):
 
     def forward(self, batch: dict, step: int) -> dict:
         cfg = self.cfg
+        if self.inject_oom_at is not None and step + 1 == self.inject_oom_at:
+            self.inject_oom_fired, self.inject_oom_at = self.inject_oom_at, None
+            raise torch.OutOfMemoryError(f"injected out-of-memory fault at optimizer step {step + 1}")
         z = self.encode(batch["bytes"], batch["byte_mask"])
+        z_wire = z  # what the encoder emits, before curriculum dropout: the diagnostics look at this
+        every = cfg.train.diagnostics_every
+        diagnose = every > 0 and step % every == 0
+        weighted_terms: dict[str, torch.Tensor] = {}  # loss terms as they enter the total, for grad norms at Z
         keep = keep_probability(cfg, step)
         if keep < 1.0:
             gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
@@ -79,4 +88,24 @@ class LatentWire(nn.Module):
                 parts[f"kd/{name}"] = float(res["kd"].detach())
             parts[f"first_tok_acc/{name}"] = res["first_tok_acc"]
             total = total + loss
+            if diagnose:
+                # Collapse shows here first: one first token predicted for every example of the batch.
+                first = self.heads[name](student[:, :1].detach())["logits"][:, 0].argmax(-1)
+                parts[f"diversity/{name}"] = first.unique().numel() / first.shape[0]
+                n_recv = len(self.receivers)
+                weighted_terms[f"ce/{name}"] = cfg.losses.ce_weight * res["ce"] / n_recv
+                if "kd" in res:
+                    weighted_terms[f"kd/{name}"] = cfg.losses.kd_weight * res["kd"] / n_recv
+        if diagnose:
+            unit = nn.functional.normalize(z_wire.detach().float(), dim=-1)  # (B, M, d_z)
+            gram = unit @ unit.transpose(1, 2)  # (B, M, M) cosine between every two slots of one example
+            off_diagonal = ~torch.eye(gram.shape[1], dtype=torch.bool, device=gram.device)
+            parts["slot_cosine"] = float(gram[:, off_diagonal].mean()) if gram.shape[1] > 1 else 1.0
+            # Gradient norm of each loss term at Z (the micro-batch's whole (B, M, d_z) gradient). Skipped under
+            # ZeRO-3, where a second backward through partitioned receivers would upset DeepSpeed's hooks.
+            partitioned = any(is_partitioned(p) for r in self.receivers.values() for p in r.parameters())
+            if torch.is_grad_enabled() and z_wire.requires_grad and not partitioned:
+                for key, term in weighted_terms.items():
+                    (grad,) = torch.autograd.grad(term, z_wire, retain_graph=True)
+                    parts[f"grad_norm_latent/{key}"] = float(grad.norm())
         return {"loss": total / len(self.receivers), "parts": parts}

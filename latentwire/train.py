@@ -51,6 +51,11 @@ class Run:
     eval_examples: list
     start_step: int = 0
     stats: data_lib.DataStats = field(default_factory=data_lib.DataStats)
+    micro_batch: int = 1  # current layout (halved after an OOM; persisted in run_state.json)
+    grad_accum: int = 1
+    oom_events: int = 0  # cumulative over restarts
+    oom_this_process: int = 0
+    requeue_requested: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -121,8 +126,14 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None) -> Run:
     train_examples, eval_examples = data_lib.load_splits(cfg.data)
     cuda = torch.cuda.is_available()
     receivers_h = _max_hidden_size(cfg)
-    ds_config = build_ds_config(read_ds_config(ds_path), cfg.train.micro_batch, cfg.train.grad_accum, world,
-                                cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip, receivers_h, cuda)
+    state = read_run_state(out)
+    micro = state.get("micro_batch", cfg.train.micro_batch)
+    accum = state.get("grad_accum", cfg.train.grad_accum)
+    if micro * accum != cfg.train.micro_batch * cfg.train.grad_accum:
+        raise RuntimeError(f"{out / RUN_STATE_FILE}: micro_batch {micro} x grad_accum {accum} does not keep the "
+                           f"configured {cfg.train.micro_batch} x {cfg.train.grad_accum} per rank")
+    ds_config = build_ds_config(read_ds_config(ds_path), micro, accum, world, cfg.train.lr, cfg.train.weight_decay,
+                                cfg.train.grad_clip, receivers_h, cuda)
     receivers = load_receivers(cfg, ds_config)
     torch.manual_seed(cfg.train.seed)  # trainable init does not depend on how receivers were loaded
     model = LatentWire(cfg, receivers)
@@ -135,7 +146,9 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None) -> Run:
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
                                            config=ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
-    run = Run(cfg, out, rank, world, ds_config, engine, model, train_examples, eval_examples)
+    run = Run(cfg, out, rank, world, ds_config, engine, model, train_examples, eval_examples,
+              micro_batch=micro, grad_accum=accum, oom_events=state.get("oom_events", 0))
+    model.inject_oom_at = _oom_injection_step(state)
     run.start_step = load_latest(run)
     per_rank = frozen_bytes_per_rank(run)
     if run.is_main:
@@ -202,8 +215,8 @@ def write_run_info(run: Run, per_rank: list[int]) -> None:
     total, _ = frozen_bytes(run.model)
     info = {
         "world_size": run.world, "zero_stage": zero_stage(run.ds_config),
-        "micro_batch": run.cfg.train.micro_batch, "grad_accum": run.cfg.train.grad_accum,
-        "global_batch": run.cfg.train.micro_batch * run.cfg.train.grad_accum * run.world,
+        "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
+        "global_batch": run.micro_batch * run.grad_accum * run.world, "oom_events": run.oom_events,
         "frozen_bytes_total": total, "frozen_bytes_per_rank": per_rank,
         "frozen_fraction_per_rank": [b / total for b in per_rank] if total else [],
         "trainable_params": sum(p.numel() if not is_partitioned(p) else p.ds_numel
@@ -216,6 +229,51 @@ def write_run_info(run: Run, per_rank: list[int]) -> None:
         "git_sha": _git_sha(), "start_step": run.start_step,
     }
     (run.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run state (survives relaunches: the batch layout chosen after OOM faults)
+
+RUN_STATE_FILE = "run_state.json"
+
+
+def read_run_state(out: Path) -> dict:
+    path = out / RUN_STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RuntimeError(f"{path} is corrupt ({err}); delete it to start from the configured micro-batch") from None
+
+
+def write_run_state(run: Run) -> None:
+    if not run.is_main:
+        return
+    state = read_run_state(run.out)
+    fired = sorted(set(state.get("oom_injected_steps", [])) | ({run.model.inject_oom_fired}
+                                                                if run.model.inject_oom_fired else set()))
+    state.update({"micro_batch": run.micro_batch, "grad_accum": run.grad_accum, "oom_events": run.oom_events,
+                  "oom_injected_steps": fired})
+    tmp = run.out / (RUN_STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, run.out / RUN_STATE_FILE)
+
+
+def _oom_injection_step(state: dict) -> int | None:
+    """LATENTWIRE_INJECT_OOM_AT_STEP=N (1-based optimizer step) fires once per run directory, on every rank or on
+    LATENTWIRE_INJECT_OOM_RANK only."""
+    raw = os.environ.get("LATENTWIRE_INJECT_OOM_AT_STEP")
+    if not raw:
+        return None
+    step = int(raw)
+    target_rank = os.environ.get("LATENTWIRE_INJECT_OOM_RANK")
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if target_rank is not None and int(target_rank) != rank:
+        return None
+    return None if step in state.get("oom_injected_steps", []) else step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,9 +317,9 @@ def save_checkpoint(run: Run, step: int) -> Path:
     state = trainable_state(run)
     if run.is_main:
         save_file(state, str(tmp / TRAINABLE_FILE))
-        trainer_state = {"step": step, "micro_batch": run.cfg.train.micro_batch,
-                         "grad_accum": run.cfg.train.grad_accum, "world_size": run.world,
-                         "examples_seen": step * run.cfg.train.micro_batch * run.cfg.train.grad_accum * run.world}
+        trainer_state = {"step": step, "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
+                         "world_size": run.world, "oom_events": run.oom_events,
+                         "examples_seen": step * run.micro_batch * run.grad_accum * run.world}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         config_lib.save_config(run.cfg, tmp / "config.json")
         contracts = {name: r.contract.to_dict() for name, r in run.model.receivers.items()}
@@ -338,49 +396,130 @@ def _to_device(obj, device):
     return obj
 
 
+class StepOOM(Exception):
+    """Some rank ran out of memory during this optimizer step; nothing of the step was applied."""
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is set on any rank (all-reduce MAX)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def run_step(run: Run, step: int, contracts: dict, device) -> tuple[float, dict]:
+    """One optimizer step over `grad_accum` micro-batches. Every rank agrees after each forward whether any
+    rank ran out of memory (before any backward collective), so an OOM never leaves ranks out of step."""
+    cfg = run.cfg
+    n = len(run.train_examples)
+    losses_, parts_acc = [], {}
+    for accum in range(run.grad_accum):
+        idx = data_lib.micro_batch_indices(step, run.micro_batch, accum, run.grad_accum, run.rank, run.world, n,
+                                           cfg.data.seed)
+        batch = data_lib.collate([run.train_examples[i] for i in idx], contracts, cfg.data.max_prompt_bytes,
+                                 cfg.losses.k_tokens, run.stats)
+        out, oom = None, False
+        try:
+            out = run.engine(_to_device(batch, device), step)
+        except torch.OutOfMemoryError:
+            oom = True
+        if any_rank(oom):
+            del out, batch
+            raise StepOOM(f"step {step + 1}, micro-batch {accum + 1}/{run.grad_accum}")
+        run.engine.backward(out["loss"])
+        run.engine.step()
+        losses_.append(float(out["loss"].detach()))
+        for k, v in out["parts"].items():
+            parts_acc.setdefault(k, []).append(v)
+    keys = sorted(parts_acc)
+    local = [sum(losses_) / len(losses_)] + [sum(parts_acc[k]) / len(parts_acc[k]) for k in keys]
+    reduced = all_reduce_mean(local)
+    return reduced[0], dict(zip(keys, reduced[1:]))
+
+
+def handle_oom(run: Run, where: str) -> None:
+    """Back off after an agreed OOM: in process under ZeRO <= 2 (first time, nothing accumulated yet), otherwise
+    persist the smaller micro-batch and exit with OOM_RESTART_EXIT_CODE for the supervisor to relaunch."""
+    import gc
+
+    run.oom_events += 1
+    run.oom_this_process += 1
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    per_rank = run.micro_batch * run.grad_accum
+    if run.micro_batch == 1:
+        raise RuntimeError(f"out of memory at {where} with micro-batch 1: nothing left to halve. Use more ranks, "
+                           "ds_configs/zero3_offload.json, shorter data.max_prompt_bytes or smaller receivers.")
+    new_micro = max(d for d in range(1, run.micro_batch // 2 + 1) if run.micro_batch % d == 0)
+    new_accum = per_rank // new_micro
+    in_process = zero_stage(run.ds_config) <= 2 and run.oom_this_process == 1 and "micro-batch 1/" in where
+    if run.is_main:
+        print(f"out of memory at {where}: micro-batch {run.micro_batch} -> {new_micro}, gradient accumulation "
+              f"{run.grad_accum} -> {new_accum}, global batch kept at {per_rank * run.world}"
+              + ("" if in_process else "; exiting for a relaunch from the last checkpoint"), flush=True)
+    run.micro_batch, run.grad_accum = new_micro, new_accum
+    write_run_state(run)
+    if in_process:
+        run.engine.set_train_micro_batch_size(new_micro)
+        run.engine.set_train_batch_size(new_micro * new_accum * run.world)
+        return
+    barrier()
+    from launch.exit_codes import OOM_RESTART_EXIT_CODE
+
+    sys.stdout.flush()
+    os._exit(OOM_RESTART_EXIT_CODE)  # skip interpreter teardown: other ranks may still hold collectives
+
+
 def train(run: Run) -> None:
+    import signal
+
     cfg = run.cfg
     tr = cfg.train
     contracts = {name: r.contract for name, r in run.model.receivers.items()}
     device = run.engine.device
-    n = len(run.train_examples)
-    global_batch = tr.micro_batch * tr.grad_accum * run.world
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(run, "requeue_requested", True))
     progress = None
     if run.is_main:
         from tqdm import tqdm
 
         progress = tqdm(total=tr.max_steps, initial=run.start_step, desc="train", dynamic_ncols=True)
     metrics_path = run.out / "metrics.jsonl"
-    for step in range(run.start_step, tr.max_steps):
+    step = run.start_step
+    while step < tr.max_steps:
         started = time.perf_counter()
-        losses_, parts_acc = [], {}
-        for accum in range(tr.grad_accum):
-            idx = data_lib.micro_batch_indices(step, tr.micro_batch, accum, tr.grad_accum, run.rank, run.world, n,
-                                               cfg.data.seed)
-            batch = data_lib.collate([run.train_examples[i] for i in idx], contracts, cfg.data.max_prompt_bytes,
-                                     cfg.losses.k_tokens, run.stats)
-            out = run.engine(_to_device(batch, device), step)
-            run.engine.backward(out["loss"])
-            run.engine.step()
-            losses_.append(float(out["loss"].detach()))
-            for k, v in out["parts"].items():
-                parts_acc.setdefault(k, []).append(v)
-        keys = sorted(parts_acc)
-        local = [sum(losses_) / len(losses_)] + [sum(parts_acc[k]) / len(parts_acc[k]) for k in keys]
-        reduced = all_reduce_mean(local)
+        try:
+            loss, parts = run_step(run, step, contracts, device)
+        except StepOOM as err:
+            handle_oom(run, str(err))
+            continue  # the same global batch again, now in smaller micro-batches
         elapsed = time.perf_counter() - started
-        row = {"step": step + 1, "loss": reduced[0], **dict(zip(keys, reduced[1:])),
-               "lr": run.engine.get_lr()[0], "grad_norm": _grad_norm(run.engine), "micro_batch": tr.micro_batch,
-               "grad_accum": tr.grad_accum, "global_batch": global_batch, "oom_events": 0,
-               "examples_per_s": global_batch / elapsed}
+        global_batch = run.micro_batch * run.grad_accum * run.world
+        row = {"step": step + 1, "loss": loss, **parts, "lr": run.engine.get_lr()[0],
+               "grad_norm": _grad_norm(run.engine), "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
+               "global_batch": global_batch, "oom_events": run.oom_events, "examples_per_s": global_batch / elapsed}
         if run.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             progress.update(1)
             if (step + 1) % tr.log_every == 0:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
-        if (step + 1) % tr.save_every == 0 or step + 1 == tr.max_steps:
-            save_checkpoint(run, step + 1)
+        step += 1
+        requeue = any_rank(run.requeue_requested)
+        if step % tr.save_every == 0 or step == tr.max_steps or requeue:
+            save_checkpoint(run, step)
+        if requeue and step < tr.max_steps:
+            from launch.exit_codes import REQUEUE_EXIT_CODE
+
+            if run.is_main:
+                print(f"SIGUSR1: checkpointed step {step}; exiting with {REQUEUE_EXIT_CODE} to be requeued", flush=True)
+            barrier()
+            sys.stdout.flush()
+            os._exit(REQUEUE_EXIT_CODE)
     if progress is not None:
         progress.close()
 

@@ -1,32 +1,47 @@
 """Evaluate a LatentWire checkpoint, rebuilt from the checkpoint directory alone.
 
     python launch/eval.py --checkpoint runs/demo/checkpoints/latest --output_dir runs/demo/eval2 \
-        [--set eval.max_examples=8 ...]
+        [--set eval.max_examples=8 ...] [--metrics_jsonl runs/demo/metrics.jsonl] [--no_plots]
 
-Writes OUT/metrics.json (per receiver text / latent / token_budget: em, f1, nll, first_tok_top1/top5; wire;
-latency; features), OUT/predictions.jsonl and prints the results table.
+Writes into OUT:
+    metrics.json       per receiver and path (text, latent, latent_<precision>, token_budget, byte_budget,
+                       embed_raw, embed_anchor, embed_resampled): em, f1, nll, first_tok_top1/top5, bytes, n,
+                       by_source; top level: wire, latency, features, data, paths
+    predictions.jsonl  per example: id, source, gold answers, every receiver's prediction on every path
+    report.md          one results table per dataset, the wire and latency tables
+    em_by_path.png     EM / F1 per path and receiver
+    training_curves.png  from the run's metrics.jsonl (found next to checkpoints/ unless --metrics_jsonl is given)
+and prints the results table. The held-out examples are those of the checkpoint's config (data.eval_files, or
+the held-out articles of data.train_files); `--set data.eval_files=[...]` evaluates other files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def default_metrics_jsonl(checkpoint: str) -> Path | None:
+    """RUN/metrics.jsonl for a checkpoint at RUN/checkpoints/<step or link>."""
+    candidate = Path(checkpoint).absolute().parent.parent / "metrics.jsonl"
+    return candidate if candidate.is_file() else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/checkpoints/latest)")
-    parser.add_argument("--output_dir", required=True, help="where metrics.json and predictions.jsonl go")
+    parser.add_argument("--output_dir", required=True, help="where metrics.json, predictions.jsonl, report.md go")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--metrics_jsonl", default=None, help="training metrics.jsonl for the curves plot")
+    parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
 
     from latentwire import config as config_lib
     from latentwire.data import load_splits
-    from latentwire.eval import evaluate, format_table, load_checkpoint_model
+    from latentwire.eval import evaluate, format_table, load_checkpoint_model, write_outputs
     from latentwire.train import active_features
 
     try:
@@ -36,13 +51,10 @@ def main(argv=None) -> int:
         return 2
     _, eval_examples = load_splits(cfg.data)
     result, rows = evaluate(model, eval_examples, features=active_features(cfg))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(out / "predictions.jsonl", "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    curves = args.metrics_jsonl or default_metrics_jsonl(args.checkpoint)
+    out = write_outputs(result, rows, args.output_dir, curves, plots=not args.no_plots)
     print(format_table(result))
+    print(f"\nreport: {out / 'report.md'}")
     return 0
 
 

@@ -9,6 +9,7 @@ cluster is used as it is and left running. Without root, apt or working daemons 
 with the reason.
 """
 
+import json
 import os
 import re
 import shlex
@@ -294,6 +295,34 @@ def sbatch_wait(script: Path, args: list[str], workdir: Path, options: list[str]
     return result.returncode, (log.read_text() if log.exists() else "") + result.stderr
 
 
+def submit(script: Path, args: list[str], log: Path, cwd: Path = REPO_ROOT, options: list[str] = (),
+           env: dict | None = None) -> str:
+    result = subprocess.run(["sbatch", "--parsable", f"--output={log}", *options, str(script), *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def wait_until(ready, deadline: float, what) -> None:
+    """Poll `ready()`; on the way start requeued jobs at once (slurm holds them back for ~2 minutes)."""
+    while not ready():
+        assert time.monotonic() < deadline, what()
+        for job in subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%i %r"], capture_output=True,
+                                  text=True).stdout.splitlines():
+            job_id, reason = job.split(maxsplit=1)
+            if reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+
+
+def job_gone(job_id: str) -> bool:
+    return not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} does not exist)"
+
+
 def train_works() -> str | None:
     train = REPO_ROOT / "launch" / "train.py"
     if not train.exists():
@@ -310,7 +339,8 @@ def check_run_dir(run_dir: Path, log: str) -> None:
 @pytest.mark.slow
 def test_cluster_runs_a_job(slurm_cluster, tmp_path):
     script = tmp_path / "hello.sbatch"
-    script.write_text("#!/bin/bash\n#SBATCH --nodes=1\nsrun hostname\nscontrol show hostnames \"$SLURM_JOB_NODELIST\"\n")
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=1\n"
+                      "srun hostname\nscontrol show hostnames \"$SLURM_JOB_NODELIST\"\n")
     code, log = sbatch_wait(script, [], tmp_path, timeout=120)
     assert code == 0, log
     assert log.splitlines().count(socket.gethostname()) == 2
@@ -380,31 +410,57 @@ def test_oom_relaunch_and_requeue_on_sigusr1(slurm_cluster, tmp_path, script):
     fake = FAKE_TRAIN.replace("OOM_CODE", str(OOM_RESTART_EXIT_CODE)).replace("REQUEUE_CODE", str(REQUEUE_EXIT_CODE))
     (root / "launch" / "train.py").write_text(fake)
     (root / ".venv").symlink_to(REPO_ROOT / ".venv")
-    run_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
-    submit = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--nodes=1", str(root / script.relative_to(REPO_ROOT)),
-                             "--output_dir", str(run_dir)], cwd=root, capture_output=True, text=True, timeout=60)
-    assert submit.returncode == 0, submit.stderr
-    job_id = submit.stdout.strip().split(";")[0]
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    events = run_dir / "events.txt"
+    job_id = submit(root / script.relative_to(REPO_ROOT), ["--output_dir", str(run_dir)], log, cwd=root,
+                    options=["--nodes=1"])
+    deadline = time.monotonic() + 300
     try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "ready").exists():
-            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
-            time.sleep(0.5)
+        wait_until((run_dir / "ready").exists, deadline, lambda: read(log))
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
-        while "done" not in ((run_dir / "events.txt").read_text()):
-            assert time.monotonic() < deadline, (run_dir / "events.txt").read_text() + log.read_text()
-            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-            if state.stdout.strip() == "PENDING":  # slurm holds a requeued job back ~2 minutes; start it now
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-            time.sleep(0.5)
-        while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+        wait_until(lambda: job_gone(job_id), deadline, lambda: read(events) + read(log))
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
-    events = (run_dir / "events.txt").read_text().splitlines()
-    assert events == ["start restart=0 requeue=0", "start restart=1 requeue=0", "usr1: checkpoint",
-                      "start restart=0 requeue=1", "done"], log.read_text()
-    text = log.read_text()
-    assert "restart 1/3" in text and "requeueing job" in text
+    assert read(events).splitlines() == ["start restart=0 requeue=0", "start restart=1 requeue=0",
+                                         "usr1: checkpoint", "start restart=0 requeue=1", "done"], read(log)
+    assert "restart 1/3" in read(log) and "requeueing job" in read(log)
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in read(run_dir / "metrics.jsonl").splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_real_oom_under_zero3_is_relaunched_with_a_smaller_micro_batch(slurm_cluster, tmp_path):
+    if (why_not := train_works()) is not None:
+        pytest.skip(why_not)
+    run_dir = tmp_path / "run"
+    code, log = sbatch_wait(SLURM_DIR / "train.sbatch",
+                            [*TINY_RUN, "--set", "train.max_steps=3", "--deepspeed", "ds_configs/zero3.json",
+                             "--output_dir", str(run_dir)], tmp_path, env={"LATENTWIRE_INJECT_OOM_AT_STEP": "2"})
+    assert code == 0, log[-3000:]
+    assert "restart 1/3" in log  # train.py exited 75 under ZeRO-3 and the supervisor ran it again
+    assert json.loads(read(run_dir / "run_state.json"))["micro_batch"] == 1  # tiny.json has micro_batch 2
+    assert metrics_steps(run_dir)[-1] == 3
+
+
+@pytest.mark.slow
+def test_real_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    if (why_not := train_works()) is not None:
+        pytest.skip(why_not)
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = submit(SLURM_DIR / "train.sbatch", ["--config", "configs/tiny.json", "--set", "train.max_steps=12",
+                                                 "--set", "train.save_every=100", "--set", "eval.at_end=false",
+                                                 "--output_dir", str(run_dir)], log)
+    deadline = time.monotonic() + 600
+    try:
+        wait_until(lambda: len(metrics_steps(run_dir)) >= 1, deadline, lambda: read(log))
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
+        wait_until(lambda: job_gone(job_id), deadline, lambda: read(log))
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    text = read(log)
+    assert "SIGUSR1: checkpointed step" in text and "requeueing job" in text, text[-3000:]
+    assert "restart count 1" in text  # the requeued job ran the same command ...
+    assert metrics_steps(run_dir) == list(range(1, 13))  # ... resumed after the checkpoint and finished
+    assert (run_dir / "checkpoints" / "latest").exists()

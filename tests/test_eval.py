@@ -1,0 +1,257 @@
+"""Evaluation: every path on the same examples, embedding replay == text, no gold leakage into predictions,
+real wire bytes within their bound, per-dataset breakdowns, periodic eval + best checkpoint, launch/eval.py."""
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from latentwire import config as C
+from latentwire import data as D
+from latentwire import eval as E
+from latentwire import wire
+from latentwire.model import LatentWire
+from tests.conftest import ROOT, run_cli
+
+# A deliberately small wire (16 slots x 8 dims): the int8 payload (148 B) is shorter than the prompts, so the
+# byte_budget path really cuts them.
+EVAL_OVERRIDES = ["encoder.n_layers=1", "encoder.d_z=8", "data.max_prompt_bytes=256", "eval.max_new_tokens=3",
+                  "eval.batch_size=2", "eval.latency_repeats=1", "eval.max_examples=3"]
+ALL_PATHS = ["text", "latent", "latent_fp16", "latent_int4", "token_budget", "byte_budget", "embed_raw",
+             "embed_anchor", "embed_resampled"]
+
+
+def make_checkpoint(root, receivers, overrides=None, step=1):
+    """A checkpoint directory as save_checkpoint lays it out (no DeepSpeed state), from an untrained model."""
+    from safetensors.torch import save_file
+
+    from latentwire.train import MANIFEST_FILE, TRAINABLE_FILE, _sha256
+
+    cfg = C.load_config(ROOT / "configs" / "tiny.json", EVAL_OVERRIDES + (overrides or []))
+    torch.manual_seed(cfg.train.seed)
+    model = LatentWire(cfg, receivers)
+    ckpt = root / "checkpoints" / f"step_{step}"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, str(ckpt / TRAINABLE_FILE))
+    C.save_config(cfg, ckpt / "config.json")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "contract.json").write_text(json.dumps({r.cfg.name: r.contract.to_dict() for r in receivers}))
+    files = sorted(p for p in ckpt.iterdir() if p.is_file())
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({p.name: _sha256(p) for p in files}))
+    (root / "checkpoints" / "latest").symlink_to(ckpt.name)
+    return ckpt, cfg, model
+
+
+def eval_examples():
+    """Two SQuAD examples and one relabelled as NQ, so the per-dataset breakdown has two sources."""
+    squad = D.read_file(str(D.EMBEDDED_SQUAD))
+    return [squad[0], squad[40], replace(squad[80], source="nq", id="nq-0")]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_receivers):
+    cfg = C.load_config(ROOT / "configs" / "tiny.json", EVAL_OVERRIDES)
+    torch.manual_seed(0)
+    return LatentWire(cfg, tiny_receivers)
+
+
+@pytest.fixture(scope="module")
+def evaluated(model):
+    return E.evaluate(model, eval_examples(), features=[])
+
+
+def test_every_path_and_contract_key_on_the_same_examples(evaluated, model):
+    result, rows = evaluated
+    assert result["paths"] == ALL_PATHS
+    assert result["receivers"] == ["llama", "qwen"] and result["n_examples"] == 3
+    for name in ("llama", "qwen"):
+        for path in ALL_PATHS:
+            entry = result[name][path]
+            for key in ("em", "f1", "nll", "first_tok_top1", "first_tok_top5", "bytes"):
+                assert isinstance(entry[key], float), (name, path, key)
+            assert entry["n"] == 3
+            lat = result["latency"][name][path]
+            assert lat["prefill_ms"]["median"] > 0 and lat["decode_ms_per_token"]["p90"] > 0
+    assert [r["id"] for r in rows] == [ex.id for ex in eval_examples()]
+    for row in rows:
+        assert row["answers"] and set(row["predictions"]) == {"llama", "qwen"}
+        assert all(set(p) == set(ALL_PATHS) for p in row["predictions"].values())
+    assert result["features"] == [] and result["wire_precision"] == "int8"
+
+
+def test_embedding_replay_reproduces_text(evaluated):
+    """Raw replay feeds the receiver's own embeddings of the text sequence: anything but equality is a bug in
+    the inputs_embeds path, not in the latent."""
+    result, rows = evaluated
+    for name in result["receivers"]:
+        assert [r["predictions"][name]["embed_raw"] for r in rows] == [r["predictions"][name]["text"] for r in rows]
+        for key in ("em", "f1", "first_tok_top1", "first_tok_top5"):
+            assert result[name]["embed_raw"][key] == result[name]["text"][key]
+        assert result[name]["embed_raw"]["nll"] == pytest.approx(result[name]["text"]["nll"], abs=1e-5)
+
+
+def test_wire_section_reports_real_payload_bytes_within_bound(evaluated, model):
+    result, _ = evaluated
+    w = result["wire"]
+    enc = model.cfg.encoder
+    assert w["latent_slots"] == enc.m_shared + 2 * enc.m_private == model.encoder.n_slots
+    assert w["latent_dim"] == enc.d_z and w["group_size"] == 64
+    sizes = w["latent_bytes"]
+    assert sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    bits = {"fp16": 16, "int8": 8, "int4": 4}
+    for precision, nbytes in sizes.items():
+        ideal = w["latent_slots"] * w["latent_dim"] * bits[precision] / 8
+        assert nbytes == wire.payload_nbytes_bound(w["latent_slots"], w["latent_dim"], precision, 64)
+        assert ideal < nbytes <= 1.10 * ideal + 64, (precision, nbytes, ideal)
+    prompts = [D.prompt_text(ex, 256) for ex in eval_examples()]
+    assert w["text_bytes_utf8"] == pytest.approx(sum(len(p.encode()) for p in prompts) / 3)
+    assert w["text_bytes_zstd"] < w["text_bytes_utf8"]
+    for name, receiver in model.receivers.items():
+        tokens = sum(len(receiver.contract.encode(p)) for p in prompts) / 3
+        assert w["token_compression"][name] == pytest.approx(tokens / (enc.m_shared + enc.m_private))
+    for name in result["receivers"]:  # each latent path sends its own precision's payload
+        assert result[name]["latent"]["bytes"] == sizes["int8"]
+        assert result[name]["latent_int4"]["bytes"] == sizes["int4"]
+        assert result[name]["byte_budget"]["bytes"] <= sizes["int8"]
+
+
+@pytest.mark.parametrize("slots,dim", [(16, 8), (40, 256), (48, 4096), (7, 33)])
+def test_default_group_keeps_every_precision_within_ten_percent(slots, dim):
+    group = C.EvalConfig().group_size
+    for precision, bits in (("fp16", 16), ("int8", 8), ("int4", 4)):
+        ideal = slots * dim * bits / 8
+        assert wire.payload_nbytes_bound(slots, dim, precision, group) <= 1.10 * ideal + 64, (precision, slots, dim)
+
+
+def test_budget_baselines_cut_the_prompt_to_the_latent_size(model):
+    prompts = [D.prompt_text(ex, 256) for ex in eval_examples()]
+    z = torch.randn(3, model.encoder.n_slots, model.cfg.encoder.d_z)
+    payloads = {p: wire.encode_batch(z, p, 64) for p in ("fp16", "int8", "int4")}
+    lens = {p: [len(b) for b in v] for p, v in payloads.items()}
+    latents = {p: wire.decode_batch(v) for p, v in payloads.items()}
+    m_read = model.cfg.encoder.m_shared + model.cfg.encoder.m_private
+    for name, receiver in model.receivers.items():
+        c = receiver.contract
+        bos = [c.bos_id] if c.text_bos else []
+        _, mask, ids, _ = E.path_inputs(model, name, "token_budget", prompts, latents, lens)
+        for i, p in enumerate(prompts):
+            row = ids[i][mask[i].bool()].tolist()
+            assert row == bos + c.encode(p)[:m_read] + c.anchor_ids
+        _, mask, ids, nbytes = E.path_inputs(model, name, "byte_budget", prompts, latents, lens)
+        for i, p in enumerate(prompts):
+            assert nbytes[i] <= lens["int8"][i] < len(p.encode())  # really cut, never longer than the payload
+            cut = p.encode()[: lens["int8"][i]].decode("utf-8", errors="ignore")
+            assert ids[i][mask[i].bool()].tolist() == bos + c.encode(cut) + c.anchor_ids
+        embeds, mask, ids, _ = E.path_inputs(model, name, "embed_resampled", prompts, latents, lens)
+        assert ids is None and embeds.shape[1] == m_read + len(c.latent_prefix_ids())
+        rms = embeds[:, :m_read].float().pow(2).mean(dim=(1, 2)).sqrt()
+        assert torch.allclose(rms, torch.full_like(rms, float(model.adapters[name].target_rms)), rtol=1e-2)
+
+
+def test_changing_gold_answer_length_cannot_change_any_prediction(model):
+    examples = eval_examples()[:2]
+    short = [replace(ex, answers=["x"]) for ex in examples]
+    long = [replace(ex, answers=[" ".join(["the quick brown fox jumps"] * 4)]) for ex in examples]
+    _, rows_short = E.evaluate(model, short, latency=False)
+    result_long, rows_long = E.evaluate(model, long, latency=False)
+    assert len(rows_short) == 2 and set(result_long["paths"]) == set(ALL_PATHS)
+    assert [r["predictions"] for r in rows_short] == [r["predictions"] for r in rows_long]
+
+
+def test_per_dataset_breakdown(evaluated):
+    result, _ = evaluated
+    assert result["data"]["sources"] == {"squad": 2, "nq": 1}
+    assert set(result["data"]["prompts_truncated"]) == {"squad", "nq"}
+    for name in result["receivers"]:
+        for path in result["paths"]:
+            entry = result[name][path]
+            parts = entry["by_source"]
+            assert {s: p["n"] for s, p in parts.items()} == {"squad": 2, "nq": 1}
+            for key in ("f1", "nll"):
+                weighted = (2 * parts["squad"][key] + parts["nq"][key]) / 3
+                assert entry[key] == pytest.approx(weighted)
+
+
+def test_report_has_a_table_per_dataset(evaluated, tmp_path):
+    from latentwire import report
+
+    result, _ = evaluated
+    rows = [{"step": s, "loss": 7.0 - s / 10, "ce/llama": 6.9, "kd/llama": 0.1, "first_tok_acc/llama": 0.0,
+             "lr": 1e-3 * s, **({"eval/latent_f1_mean": 1.0 * s} if s % 2 == 0 else {})} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = report.write_report(result, tmp_path, tmp_path / "metrics.jsonl")
+    assert sorted(p.name for p in written) == ["em_by_path.png", "report.md", "training_curves.png"]
+    for png in written[1:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "report.md").read_text()
+    assert "## All datasets (3 examples)" in text and "## squad (2 examples" in text and "## nq (1 examples" in text
+    assert text.count("| llama | embed_resampled |") == 3  # all + two datasets
+    assert "| int4 |" in text and "prefill ms" in text
+    assert E.format_table(result).splitlines()[0].startswith("| receiver | path | EM |")
+
+
+def test_periodic_eval_and_best_checkpoint(model, tmp_path):
+    out = E.periodic_eval(model, eval_examples(), step=7)
+    assert out["step"] == 7 and out["metric"] == "latent_f1_mean"
+    assert out["log"]["eval/latent_f1_mean"] == out["value"]
+    assert {k.split("/")[1] for k in out["log"] if k.count("/") == 2} >= {"latent_f1", "latent_nll"}
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    assert E.best_checkpoint(root) is None
+    assert E.update_best(root, root / "step_2", 10.0, "latent_f1_mean")
+    assert not E.update_best(root, root / "step_4", 9.0, "latent_f1_mean")  # worse: stays
+    assert not E.update_best(root, root / "step_4", float("nan"), "latent_f1_mean")
+    assert os.readlink(root / "best") == "step_2" and E.best_checkpoint(root) == (root / "step_2").resolve()
+    assert E.update_best(root, root / "step_6", 12.5, "latent_f1_mean")
+    assert E.read_best(root) == {"metric": "latent_f1_mean", "value": 12.5, "checkpoint": "step_6", "step": 6}
+    # NLL is lower-is-better; a record of another metric does not block the first value of this one.
+    assert E.update_best(root, root / "step_8", 5.0, "latent_nll_mean")
+    assert not E.update_best(root, root / "step_6", 5.5, "latent_nll_mean")
+    assert E.update_best(root, root / "step_6", 4.0, "latent_nll_mean")
+    assert os.readlink(root / "best") == "step_6" and not (root / ".best_tmp").exists()
+    with pytest.raises(FileNotFoundError):
+        E.update_best(root, tmp_path / "elsewhere", 1.0, "latent_nll_mean")
+
+
+def test_eval_config_fields_are_validated():
+    base = ROOT / "configs" / "tiny.json"
+    cfg = C.load_config(base, ["eval.every=5", "eval.best_metric=latent_int4_nll_qwen"])
+    assert cfg.eval.every == 5 and cfg.eval.periodic_examples == 16
+    with pytest.raises(C.ConfigError, match="eval.best_metric.*receiver name"):
+        C.load_config(base, ["eval.best_metric=latent_f1_gpt"])
+    with pytest.raises(C.ConfigError, match="eval.best_metric.*em, f1, nll"):
+        C.load_config(base, ["eval.best_metric=latent_acc_mean"])
+    with pytest.raises(C.ConfigError, match="eval.every"):
+        C.load_config(base, ["eval.every=-1"])
+    with pytest.raises(C.ConfigError, match="eval.group_size"):
+        C.load_config(base, ["eval.group_size=70000"])
+
+
+def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
+    run = tmp_path / "run"
+    make_checkpoint(run, tiny_receivers)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 7.0, "ce/llama": 6.9, "lr": 1e-3}) + "\n")
+    out = tmp_path / "eval"
+    proc = run_cli(["launch/eval.py", "--checkpoint", str(run / "checkpoints" / "latest"), "--output_dir", str(out),
+                    "--set", "eval.max_examples=2"])
+    assert "| llama | embed_raw |" in proc.stdout and "report.md" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    for name in ("llama", "qwen"):
+        for path in ("text", "latent", "token_budget"):
+            for key in ("em", "f1", "nll"):
+                assert isinstance(m[name][path][key], float)
+        assert isinstance(m[name]["latent"]["first_tok_top1"], float)
+    for key in ("latent_slots", "latent_dim", "latent_bytes", "text_bytes_utf8", "text_bytes_zstd",
+                "token_compression"):
+        assert key in m["wire"]
+    assert m["wire"]["latent_bytes"]["fp16"] > m["wire"]["latent_bytes"]["int8"] > m["wire"]["latent_bytes"]["int4"]
+    assert set(m["latency"]) == {"llama", "qwen"} and m["features"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["em_by_path.png", "metrics.json", "predictions.jsonl",
+                                                    "report.md", "training_curves.png"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions"} for r in rows)
