@@ -15,28 +15,37 @@ import kernels
 IGNORE = -100
 
 
-def k_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """hidden (B, K, H) student, weight (V, H) LM head, targets (B, K) with -100 past the answer -> scalar.
+def _row_norm(targets: torch.Tensor, norm: float | None) -> float:
+    """Multiplier turning a sum over this micro-batch's supervised rows into its share of the global token mean.
 
-    Mean over examples of each example's mean CE over its supervised tokens.
+    `norm` = world * grad_accum / (supervised rows in the whole global batch), set by the trainer, makes the loss
+    (and so the update) independent of how the global batch is laid out over ranks and micro-batches; without it
+    the micro-batch mean is used.
     """
+    if norm is not None:
+        return norm
+    return 1.0 / max(1, int((targets != IGNORE).sum()))
+
+
+def k_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               norm: float | None = None) -> torch.Tensor:
+    """hidden (B, K, H) student, weight (V, H) LM head, targets (B, K) with -100 past the answer -> scalar CE."""
     b, k, h = hidden.shape
-    rows = kernels.k_token_cross_entropy(hidden.reshape(b * k, h), weight, targets.reshape(-1),
-                                         ignore_index=IGNORE, reduction="none").view(b, k)
-    valid = (targets != IGNORE).to(rows.dtype)
-    per_example = (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)
-    return per_example.mean()
+    total = kernels.k_token_cross_entropy(hidden.reshape(b * k, h), weight, targets.reshape(-1),
+                                          ignore_index=IGNORE, reduction="sum")
+    return total * _row_norm(targets, norm)
 
 
 def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-            temperature: float, teacher_weights: list[float] | None = None) -> torch.Tensor:
+            temperature: float, teacher_weights: list[float] | None = None, norm: float | None = None) -> torch.Tensor:
     """hidden (B, K, H) student; teacher_logits (T, B, K, V) teachers at the same positions -> scalar KD."""
     b, k, h = hidden.shape
     t, _, _, v = teacher_logits.shape
     weights = torch.tensor(teacher_weights, dtype=torch.float32) if teacher_weights is not None else None
-    return kernels.kd_softmax_loss(hidden.reshape(b * k, h), weight, teacher_logits.reshape(t, b * k, v),
-                                   temperature=temperature, teacher_weights=weights,
-                                   mask=(targets != IGNORE).reshape(-1))
+    mask = (targets != IGNORE).reshape(-1)
+    mean = kernels.kd_softmax_loss(hidden.reshape(b * k, h), weight, teacher_logits.reshape(t, b * k, v),
+                                   temperature=temperature, teacher_weights=weights, mask=mask)
+    return mean * int(mask.sum()) * _row_norm(targets, norm)
 
 
 @torch.no_grad()
@@ -75,13 +84,14 @@ class LMHeadLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, targets: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None, temperature: float = 1.0,
-                extra_teacher_logits: torch.Tensor | None = None, teacher_weights: list[float] | None = None) -> dict:
+                extra_teacher_logits: torch.Tensor | None = None, teacher_weights: list[float] | None = None,
+                norm: float | None = None) -> dict:
         """student (B, K, H); targets (B, K); teacher_hidden (B, K, H) from the text pass (no grad);
-        extra_teacher_logits (T', B, K, V) from larger teachers. Without targets: {"logits": (B, K, V) fp32}."""
+        extra_teacher_logits (T', B, K, V) from larger teachers; norm: see `_row_norm`. Without targets: {"logits": (B, K, V) fp32}."""
         weight = self.weight
         if targets is None:
             return {"logits": teacher_logits_at(student, weight)}
-        out = {"ce": k_token_ce(student, weight, targets),
+        out = {"ce": k_token_ce(student, weight, targets, norm),
                "first_tok_acc": first_token_accuracy(student.detach(), weight, targets)}
         teachers = []
         if teacher_hidden is not None:
@@ -89,5 +99,5 @@ class LMHeadLoss(nn.Module):
         if extra_teacher_logits is not None:
             teachers += list(extra_teacher_logits)
         if teachers:
-            out["kd"] = kd_loss(student, weight, torch.stack(teachers), targets, temperature, teacher_weights)
+            out["kd"] = kd_loss(student, weight, torch.stack(teachers), targets, temperature, teacher_weights, norm)
         return out

@@ -80,7 +80,8 @@ class LatentWire(nn.Module):
             teacher_hidden = None
             if cfg.losses.kd_weight > 0:
                 teacher_hidden = receiver.text_pass(rb["text_ids"], rb["text_mask"], rb["text_answer_start"], k)
-            res = self.heads[name](student, rb["targets"], teacher_hidden, cfg.losses.kd_temperature)
+            res = self.heads[name](student, rb["targets"], teacher_hidden, cfg.losses.kd_temperature,
+                                   norm=rb.get("loss_norm"))
             loss = cfg.losses.ce_weight * res["ce"]
             parts[f"ce/{name}"] = float(res["ce"].detach())
             if "kd" in res:

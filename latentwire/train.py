@@ -411,17 +411,38 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def loss_norms(run: Run, step: int, contracts: dict) -> dict[str, float]:
+    """Per receiver: world * grad_accum / supervised rows in this step's whole global batch.
+
+    Every rank computes it from the data order alone (no communication), so losses are token means over the
+    global batch and the update does not depend on how it is split over ranks and micro-batches."""
+    k = run.cfg.losses.k_tokens
+    n = len(run.train_examples)
+    examples = [run.train_examples[i]
+                for accum in range(run.grad_accum) for rank in range(run.world)
+                for i in data_lib.micro_batch_indices(step, run.micro_batch, accum, run.grad_accum, rank, run.world,
+                                                      n, run.cfg.data.seed)]
+    norms = {}
+    for name, contract in contracts.items():
+        rows = sum(min(k, len(contract.answer_ids(ex.answers[0]))) for ex in examples)
+        norms[name] = run.world * run.grad_accum / max(1, rows)
+    return norms
+
+
 def run_step(run: Run, step: int, contracts: dict, device) -> tuple[float, dict]:
     """One optimizer step over `grad_accum` micro-batches. Every rank agrees after each forward whether any
     rank ran out of memory (before any backward collective), so an OOM never leaves ranks out of step."""
     cfg = run.cfg
     n = len(run.train_examples)
+    norms = loss_norms(run, step, contracts)
     losses_, parts_acc = [], {}
     for accum in range(run.grad_accum):
         idx = data_lib.micro_batch_indices(step, run.micro_batch, accum, run.grad_accum, run.rank, run.world, n,
                                            cfg.data.seed)
         batch = data_lib.collate([run.train_examples[i] for i in idx], contracts, cfg.data.max_prompt_bytes,
                                  cfg.losses.k_tokens, run.stats)
+        for name, norm in norms.items():
+            batch["receivers"][name]["loss_norm"] = norm
         out, oom = None, False
         try:
             out = run.engine(_to_device(batch, device), step)

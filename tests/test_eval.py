@@ -187,7 +187,7 @@ def test_report_has_a_table_per_dataset(evaluated, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "report.md").read_text()
     assert "## All datasets (3 examples)" in text and "## squad (2 examples" in text and "## nq (1 examples" in text
-    assert text.count("| llama | embed_resampled |") == 3  # all + two datasets
+    assert text.count("| llama | embed_resampled |") == 4  # all + two datasets + the latency table
     assert "| int4 |" in text and "prefill ms" in text
     assert E.format_table(result).splitlines()[0].startswith("| receiver | path | EM |")
 

@@ -1,0 +1,154 @@
+"""Toy benchmark report: `report.json` + `report.md` from an evaluation, and a PNG of the training diagnostics.
+
+    python launch/toy_report.py --eval runs/toy/eval/metrics.json --metrics runs/toy/run/metrics.jsonl \
+        --out runs/toy [--timings runs/toy/timings.json]
+
+report.json holds, per receiver: text / latent / token-budget EM and F1, first-token top-1 of each path, token
+compression (mean prompt tokens / slots the receiver reads), and whether the issue's targets hold (text EM >= 90,
+latent EM >= 60 at >= 4x compression, latent EM >= token-budget EM + 20); at the top level the wire bytes per
+precision against the prompt's UTF-8 / zstd bytes, the last training diagnostics and the timings.
+
+diagnostics.png plots, per optimizer step of metrics.jsonl: the loss parts, training first-token accuracy,
+prediction diversity (distinct argmax first tokens / batch), mean pairwise cosine between latent slots, and the
+per-loss gradient norms at the latent Z (rows written every `train.diagnostics_every` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TARGET_TEXT_EM = 90.0
+TARGET_LATENT_EM = 60.0
+TARGET_COMPRESSION = 4.0
+TARGET_MARGIN = 20.0
+PLOT_FILE = "diagnostics.png"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def receiver_row(result: dict, name: str) -> dict:
+    """The numbers the issue asks for, for one receiver, flat."""
+    row = {}
+    for path in ("text", "latent", "token_budget"):
+        entry = result[name][path]
+        row[f"{path}_em"] = entry["em"]
+        row[f"{path}_f1"] = entry["f1"]
+        row[f"{path}_first_tok_top1"] = entry["first_tok_top1"]
+        row[f"{path}_nll"] = entry["nll"]
+    row["latent_first_tok_top5"] = result[name]["latent"]["first_tok_top5"]
+    row["token_compression"] = result["wire"]["token_compression"][name]
+    row["targets"] = {
+        "text_em>=90": row["text_em"] >= TARGET_TEXT_EM,
+        "latent_em>=60": row["latent_em"] >= TARGET_LATENT_EM,
+        "compression>=4x": row["token_compression"] >= TARGET_COMPRESSION,
+        "latent_em>=token_budget_em+20": row["latent_em"] >= row["token_budget_em"] + TARGET_MARGIN,
+    }
+    return row
+
+
+def last_diagnostics(rows: list[dict]) -> dict:
+    """The latest value of every diagnostic key (they are logged only every diagnostics_every steps)."""
+    out = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(("diversity/", "slot_cosine", "grad_norm_latent/", "first_tok_acc/")):
+                out[key] = {"step": row["step"], "value": value}
+    return out
+
+
+def build_report(result: dict, metric_rows: list[dict], timings: dict | None) -> dict:
+    names = result["receivers"]
+    w = result["wire"]
+    report = {
+        "receivers": {n: receiver_row(result, n) for n in names},
+        "wire": {"latent_slots_total": w["latent_slots"], "slots_per_receiver": w.get("slots_per_receiver"),
+                 "latent_dim": w["latent_dim"], "latent_bytes": w["latent_bytes"],
+                 "text_bytes_utf8": w["text_bytes_utf8"], "text_bytes_zstd": w["text_bytes_zstd"],
+                 "wire_precision": result.get("wire_precision")},
+        "n_examples": result["n_examples"],
+        "train_steps": metric_rows[-1]["step"] if metric_rows else 0,
+        "diagnostics_last": last_diagnostics(metric_rows),
+        "timings_s": timings or {},
+    }
+    report["all_targets_met"] = all(all(r["targets"].values()) for r in report["receivers"].values())
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["| receiver | text EM / F1 | latent EM / F1 | token-budget EM / F1 | first-token@1 text / latent / budget "
+             "| token compression |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in report["receivers"].items():
+        lines.append(f"| {name} | {r['text_em']:.1f} / {r['text_f1']:.1f} | {r['latent_em']:.1f} / "
+                     f"{r['latent_f1']:.1f} | {r['token_budget_em']:.1f} / {r['token_budget_f1']:.1f} | "
+                     f"{r['text_first_tok_top1']:.1f} / {r['latent_first_tok_top1']:.1f} / "
+                     f"{r['token_budget_first_tok_top1']:.1f} | {r['token_compression']:.2f}x |")
+    w = report["wire"]
+    sizes = ", ".join(f"{p} {b:.0f} B" for p, b in w["latent_bytes"].items())
+    lines += ["", f"Wire: {w['latent_slots_total']} slots x {w['latent_dim']} dims in all "
+              f"({w['slots_per_receiver']} read by each receiver) -> {sizes} per example; the prompt is "
+              f"{w['text_bytes_utf8']:.0f} B UTF-8, {w['text_bytes_zstd']:.0f} B zstd. "
+              f"{report['n_examples']} held-out examples, {report['train_steps']} training steps."]
+    lines += ["", "Targets (per receiver): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in r["targets"].items())
+        for name, r in report["receivers"].items())]
+    if report["timings_s"]:
+        lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_diagnostics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss parts", ("loss", "ce/", "kd/")), ("train first-token acc", ("first_tok_acc/",)),
+              ("diversity (distinct first tokens / batch)", ("diversity/",)), ("mean slot cosine", ("slot_cosine",)),
+              ("grad norm at Z", ("grad_norm_latent/",))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, prefixes) in zip(axes, panels):
+        keys = sorted({k for r in rows for k in r if k == "loss" and "loss" in prefixes or
+                       any(k.startswith(p) for p in prefixes if p != "loss")})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=key, linewidth=1)
+        if title == "grad norm at Z" and keys:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if keys:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval", required=True, help="metrics.json written by launch/eval.py")
+    p.add_argument("--metrics", required=True, help="the training run's metrics.jsonl")
+    p.add_argument("--out", required=True, help="directory for report.json, report.md and diagnostics.png")
+    p.add_argument("--timings", default=None, help="optional JSON {stage: seconds}")
+    args = p.parse_args(argv)
+    result = json.loads(Path(args.eval).read_text())
+    rows = read_jsonl(Path(args.metrics))
+    timings = json.loads(Path(args.timings).read_text()) if args.timings else None
+    report = build_report(result, rows, timings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report))
+    plot_diagnostics(rows, out / PLOT_FILE)
+    print(report_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
