@@ -31,11 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 OPS = ("rms_calibrate", "k_token_ce", "kd_softmax")
 MODES = ("fwd", "fwd_bwd")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["op", "provider", "shape", "mode", "dtype", "ms_p20", "ms_p50", "ms_p80", "gbps_or_tflops", "unit",
-          "peak_mb", "device", "versions", "git_sha", "date"]
+          "peak_mb", "device", "load_avg", "versions", "git_sha", "date"]
 
 # Shapes per op and device. CPU shapes keep N small at the real vocabularies so a sweep finishes in minutes on a
 # few cores; the first k_token_ce CPU shape is the target shape of the CPU acceptance numbers.
@@ -56,7 +58,12 @@ SHAPES = {
         "cuda": [dict(B=64, M=32, D=4096), dict(B=64, M=32, D=3584), dict(B=256, M=64, D=4096)],
     },
 }
-BUDGET_MS = {"cpu": 5000.0, "cuda": 1000.0}  # timed wall time per provider when --reps is not given
+# Without --reps, a worker times about BUDGET_MS of calls (at least MIN_REPS, at most 100). On a shared CPU the
+# load changes over minutes, so CPU sweeps run ROUNDS rounds, each starting every provider afresh in a rotated
+# order, and pool the samples: slow periods hit all providers alike and the ratios stay meaningful.
+BUDGET_MS = {"cpu": 2000.0, "cuda": 1000.0}
+MIN_REPS = {"cpu": 2, "cuda": 10}
+ROUNDS = {"cpu": 3, "cuda": 1}
 TEMPERATURE = 2.0
 TARGET_RMS = 0.02
 
@@ -191,7 +198,6 @@ def _reset_peak_rss() -> bool:
 
 
 def run_worker(spec: dict) -> dict:
-    import numpy as np
     import torch
 
     op, provider, shape, mode, device = spec["op"], spec["provider"], spec["shape"], spec["mode"], spec["device"]
@@ -227,7 +233,7 @@ def run_worker(spec: dict) -> dict:
     times_ms = []
     reps = spec["reps"]
     i = 0
-    while i < spec["warmup"] + (reps or 5):
+    while i < spec["warmup"] + (reps or MIN_REPS[device]):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -241,8 +247,8 @@ def run_worker(spec: dict) -> dict:
             elapsed = (time.perf_counter() - t0) * 1e3
         if i >= spec["warmup"]:
             times_ms.append(elapsed)
-        elif reps is None:  # adaptive: about BUDGET_MS of timed calls, at least 5, at most 100
-            reps = min(100, max(5, int(BUDGET_MS[device] / max(elapsed, 1e-3))))
+        elif spec["reps"] is None:  # adaptive, from the latest warm-up call
+            reps = min(100, max(MIN_REPS[device], int(BUDGET_MS[device] / max(elapsed, 1e-3))))
         i += 1
 
     if cuda:
@@ -253,15 +259,11 @@ def run_worker(spec: dict) -> dict:
             import resource
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = (peak_kb - base_kb) / 1024
-    p20, p50, p80 = np.percentile(times_ms, [20, 50, 80])
-    work, unit = _work_units(op, shape, mode, dtype)
-    scale = 1e9 if unit == "GB/s" else 1e12
     backend = None
     if provider == "latentwire":
         import kernels
         backend = kernels.last_backend(op)  # which path was timed: 'triton' or 'reference'
-    return dict(ms_p20=p20, ms_p50=p50, ms_p80=p80, gbps_or_tflops=work / (p50 / 1e3) / scale, unit=unit,
-                peak_mb=peak_mb, backend=backend)
+    return dict(times_ms=times_ms, peak_mb=peak_mb, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,32 +357,45 @@ def run_sweep(args) -> list[dict]:
         raise SystemExit(f"--modes takes {MODES}")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     warmup = args.warmup if args.warmup is not None else (1 if args.device == "cpu" else 5)
-    reps = args.reps  # None: adaptive, see BUDGET_MS
+    rounds = args.rounds if args.rounds is not None else ROUNDS[args.device]
     common = dict(device=_device_name(args.device), versions=_versions(), git_sha=_git_sha(),
                   date=datetime.date.today().isoformat())
     rows = []
     for shape in shapes:
         for mode in modes:
             print(f"{args.op} {_shape_text(shape)} {mode} {dtype} on {args.device}", flush=True)
+            load_avg = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""  # other work on the box
+            samples = {p: [] for p in providers}
+            peaks = {p: [] for p in providers}
+            backends = {}
+            for round_index in range(rounds):
+                order = providers[round_index % len(providers):] + providers[:round_index % len(providers)]
+                for provider in order:
+                    spec = dict(op=args.op, provider=provider, shape=shape, mode=mode, dtype=dtype,
+                                device=args.device, warmup=warmup, reps=args.reps)
+                    result = _run_one(spec, args.timeout)
+                    if result is not None:
+                        samples[provider] += result["times_ms"]
+                        peaks[provider].append(result["peak_mb"])
+                        backends[provider] = result["backend"]
+            new_rows = []
             for provider in providers:
-                spec = dict(op=args.op, provider=provider, shape=shape, mode=mode, dtype=dtype, device=args.device,
-                            warmup=warmup, reps=reps)
-                result = _run_one(spec, args.timeout)
-                if result is None:
+                if not samples[provider]:
                     continue
+                p20, p50, p80 = np.percentile(samples[provider], [20, 50, 80])
+                work, unit = _work_units(args.op, shape, mode, getattr(torch, dtype))
+                rate = work / (p50 / 1e3) / (1e9 if unit == "GB/s" else 1e12)
                 row = dict(op=args.op, provider=provider, shape=_shape_text(shape), mode=mode, dtype=dtype,
-                           **{k: result[k] for k in ("ms_p20", "ms_p50", "ms_p80", "unit")},
-                           gbps_or_tflops=f"{result['gbps_or_tflops']:.4g}", peak_mb=f"{result['peak_mb']:.1f}",
-                           **common)
-                for key in ("ms_p20", "ms_p50", "ms_p80"):
-                    row[key] = f"{row[key]:.2f}"
-                rows.append(row)
-                backend = f" [{result['backend']}]" if result.get("backend") else ""
-                print(f"  {provider:>13}{backend}: p50 {row['ms_p50']} ms (p20 {row['ms_p20']}, p80 {row['ms_p80']}),"
-                      f" {row['gbps_or_tflops']} {row['unit']}, peak {row['peak_mb']} MB", flush=True)
+                           ms_p20=f"{p20:.2f}", ms_p50=f"{p50:.2f}", ms_p80=f"{p80:.2f}", gbps_or_tflops=f"{rate:.4g}",
+                           unit=unit, peak_mb=f"{max(peaks[provider]):.1f}", load_avg=load_avg, **common)
+                new_rows.append(row)
+                backend = f" [{backends[provider]}]" if backends.get(provider) else ""
+                print(f"  {provider + backend:>24}: p50 {row['ms_p50']} ms (p20 {row['ms_p20']}, p80 {row['ms_p80']}, "
+                      f"{len(samples[provider])} calls), {row['gbps_or_tflops']} {unit}, peak {row['peak_mb']} MB",
+                      flush=True)
             if args.csv:
-                _append_rows(Path(args.csv), [r for r in rows if r["shape"] == _shape_text(shape)
-                                              and r["mode"] == mode])
+                _append_rows(Path(args.csv), new_rows)
+            rows += new_rows
     return rows
 
 
@@ -417,7 +432,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", help="comma-separated indices into the op's shape list for this device")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default fp32 CPU, bf16 CUDA")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 CPU, 5 CUDA)")
-    parser.add_argument("--reps", type=int, help="timed calls (default: 5 to 100, about 5 s CPU / 1 s CUDA)")
+    parser.add_argument("--reps", type=int, help="timed calls per worker (default: about 2 s CPU / 1 s CUDA)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of all providers (default 3 CPU, 1 CUDA)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     parser.add_argument("--markdown", metavar="CSV", help="print the README table of a results CSV and exit")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)

@@ -73,7 +73,7 @@ def _k_token_ce_online_kernel(logits_ptr, logits_row_stride, e_ptr, e_row_stride
     m_old = tl.load(m_ptr + row)
     block_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     start = tl.full([], 0, tl.int32)
-    while start < n_cols:  # `while`, not range(n_cols): the interpreter cannot index with a runtime bound
+    while start < n_cols:  # not range(): triton 3.6's interpreter fails on runtime bounds
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(logits_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         block_max = tl.maximum(block_max, x)

@@ -64,7 +64,7 @@ def _online_lse_row(row_ptr, n_cols, scale, m, s, BLOCK_V: tl.constexpr):
     # Fold scale * row[0:n_cols] into the running (max m, sum S). -inf entries are allowed: while every entry seen
     # is -inf the reference point is 0, so S stays 0 instead of becoming nan.
     start = tl.full([], 0, tl.int32)
-    while start < n_cols:  # `while`, not range(n_cols): the interpreter cannot index with a runtime bound
+    while start < n_cols:  # not range(): triton 3.6's interpreter fails on runtime bounds
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * scale
         m_new = tl.maximum(m, tl.max(x, axis=0))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from latentwire import wire
+from latentwire import features, wire
 from latentwire.data import PROMPT_TEMPLATE, Example, prompt_text
 from latentwire.encoder import bytes_to_tensor
 from latentwire.eval import latent_inputs
@@ -102,6 +102,7 @@ class Interlingua:
                 between = [PROMPT_TEMPLATE.split("\n")[1].format(question=q) + "\n"
                            for q in questions[start:start + size]]
             embeds, mask = latent_inputs(self.model, receiver, z, between)
-            tokens = rec.generate(mask, steps, inputs_embeds=embeds)
+            with features.latent_context(self.model, receiver, z):
+                tokens = rec.generate(mask, steps, inputs_embeds=embeds)
             answers += [rec.decode(t) for t in tokens]
         return answers

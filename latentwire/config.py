@@ -98,6 +98,16 @@ class CurriculumConfig:
     latent_keep_start: float = 1.0  # probability of keeping each shared slot at step 0 (1 = no dropout)
     latent_keep_end: float = 1.0  # keep probability after the ramp
     keep_ramp_steps: int = 0  # steps over which keep probability moves from start to end
+    k_start: int = 0  # adaptive K: supervised answer tokens at step 0 (0 = losses.k_tokens, i.e. no ramp)
+    k_ramp_steps: int = 0  # steps over which K grows from k_start to losses.k_tokens (0 = at once)
+    k_acc_threshold: float = 0.0  # > 0: K grows by one only after a step whose first-token accuracy reaches this
+    m_stages: list[int] = field(default_factory=list)  # staged latent length: m_shared per stage, e.g. [64, 48, 32]
+    stage_steps: list[int] = field(default_factory=list)  # optimizer step at which each later stage starts
+    first_tok_weight_start: float = 0.0  # extra CE weight on answer token 0 at step 0
+    first_tok_weight_end: float = 0.0  # extra first-token CE weight after the ramp
+    first_tok_ramp_steps: int = 0  # steps over which the first-token weight moves from start to end
+    text_warmup_steps: int = 0  # steps at the start whose latent prefix is blended with pooled text embeddings
+    hard_negative_alpha: float = 0.0  # hard-negative KD: 0 = uniform per-example KD weights; > 0 sharpens them
 
 
 @dataclass
@@ -106,6 +116,19 @@ class FeaturesConfig:
     deep_prefix: bool = False  # per-layer key/value prefixes from the latent
     latent_adapters: bool = False  # gated cross-attention to the latent inside the receivers
     coprocessor: bool = False  # KV deltas from the pooled latent
+    # Sub-settings are never booleans: `train.active_features` lists the `true` booleans of this section.
+    lora_rank: int = 8  # LoRA rank r
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input (active in training only)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
+    lora_layers: int = 0  # adapt only the first N decoder layers (0 = all layers)
+    deep_prefix_hidden: int = 256  # bottleneck width of the per-layer key/value generator
+    latent_adapter_layers: list[int] = field(default_factory=list)  # decoder layers with a block; empty = evenly spaced
+    latent_adapter_count: int = 2  # blocks when latent_adapter_layers is empty
+    latent_adapter_dim: int = 256  # attention width inside a block (queries, keys, values)
+    latent_adapter_heads: int = 4  # attention heads inside a block
+    coprocessor_slots: int = 4  # cache entries per layer the coprocessor writes
+    coprocessor_hidden: int = 256  # hidden width of the coprocessor MLP
 
 
 @dataclass
@@ -122,7 +145,9 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept on disk
     log_every: int = 1  # tqdm postfix interval; metrics.jsonl gets every step
     seed: int = 0  # model init and step-keyed randomness
+    max_consecutive_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
     diagnostics_every: int = 0  # every N steps log first-token diversity, slot cosine, grad norms at Z (0 = off)
+    baseline_verification: bool = False  # milestone-0 gate: forces every feature, KD and the curriculum off
 
 
 @dataclass
@@ -227,6 +252,8 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict) -> Config:
     cfg = _from_dict(Config, data)
+    if cfg.train.baseline_verification:
+        apply_baseline_verification(cfg)
     validate(cfg)
     return cfg
 
@@ -356,10 +383,11 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.curriculum, key)
         if not 0.0 < value <= 1.0:
             raise ConfigError(f"curriculum.{key}: must be in (0, 1], got {value}")
-    if cfg.features.deep_prefix and cfg.features.coprocessor:
-        raise ConfigError("features.deep_prefix and features.coprocessor cannot both be on (both write the KV cache)")
+    _validate_features(cfg)
+    _validate_curriculum(cfg)
     tr = cfg.train
-    for key in ("max_steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):
+    for key in ("max_steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every",
+                "max_consecutive_bad_steps"):
         _check_positive(f"train.{key}", getattr(tr, key))
     _check_positive("train.lr", tr.lr)
     _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
@@ -378,6 +406,65 @@ def validate(cfg: Config) -> None:
     _check_positive("eval.every", ev.every, allow_zero=True)
     _check_positive("eval.periodic_examples", ev.periodic_examples, allow_zero=True)
     parse_metric_name(ev.best_metric, names)
+
+
+def _validate_features(cfg: Config) -> None:
+    ft = cfg.features
+    if ft.deep_prefix and ft.coprocessor:
+        raise ConfigError("features.deep_prefix and features.coprocessor cannot both be on (both write the KV cache)")
+    for key in ("lora_rank", "lora_alpha", "deep_prefix_hidden", "latent_adapter_count", "latent_adapter_dim",
+                "latent_adapter_heads", "coprocessor_slots", "coprocessor_hidden"):
+        _check_positive(f"features.{key}", getattr(ft, key))
+    _check_positive("features.lora_layers", ft.lora_layers, allow_zero=True)
+    if not 0.0 <= ft.lora_dropout < 1.0:
+        raise ConfigError(f"features.lora_dropout: must be in [0, 1), got {ft.lora_dropout}")
+    if not ft.lora_targets:
+        raise ConfigError("features.lora_targets: name at least one module, e.g. [\"q_proj\", \"v_proj\"]")
+    frozen_heads = [t for t in ft.lora_targets if t in ("lm_head", "embed_tokens")]
+    if frozen_heads:
+        raise ConfigError(f"features.lora_targets: {frozen_heads} cannot be adapted (the losses read the frozen "
+                          "LM head and the embedding RMS); use attention or MLP projections")
+    if ft.latent_adapter_dim % ft.latent_adapter_heads:
+        raise ConfigError(f"features.latent_adapter_dim ({ft.latent_adapter_dim}) must be divisible by "
+                          f"features.latent_adapter_heads ({ft.latent_adapter_heads})")
+    for i, layer in enumerate(ft.latent_adapter_layers):
+        _check_positive(f"features.latent_adapter_layers.{i}", layer, allow_zero=True)
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    cur = cfg.curriculum
+    if not 0 <= cur.k_start <= cfg.losses.k_tokens:
+        raise ConfigError(f"curriculum.k_start: must be in [0, losses.k_tokens={cfg.losses.k_tokens}], "
+                          f"got {cur.k_start}")
+    if not 0.0 <= cur.k_acc_threshold <= 1.0:
+        raise ConfigError(f"curriculum.k_acc_threshold: must be in [0, 1], got {cur.k_acc_threshold}")
+    for key in ("keep_ramp_steps", "k_ramp_steps", "first_tok_weight_start", "first_tok_weight_end",
+                "first_tok_ramp_steps", "text_warmup_steps", "hard_negative_alpha"):
+        _check_positive(f"curriculum.{key}", getattr(cur, key), allow_zero=True)
+    if cur.m_stages:
+        for i, m in enumerate(cur.m_stages):
+            _check_positive(f"curriculum.m_stages.{i}", m)
+        if len(cur.stage_steps) != len(cur.m_stages) - 1:
+            raise ConfigError(f"curriculum.stage_steps: needs one start step per stage after the first "
+                              f"({len(cur.m_stages) - 1} for m_stages {cur.m_stages}), got {cur.stage_steps}")
+        if any(b <= a for a, b in zip([0] + cur.stage_steps, cur.stage_steps)):
+            raise ConfigError(f"curriculum.stage_steps: must be positive and increasing, got {cur.stage_steps}")
+        if cfg.encoder.m_shared not in cur.m_stages:
+            raise ConfigError(f"encoder.m_shared ({cfg.encoder.m_shared}) must be one of curriculum.m_stages "
+                              f"{cur.m_stages} (the stage this model is built for)")
+    elif cur.stage_steps:
+        raise ConfigError("curriculum.stage_steps: set only together with curriculum.m_stages")
+
+
+def apply_baseline_verification(cfg: Config) -> None:
+    """train.baseline_verification=true (the milestone-0 gate): every feature, KD and the curriculum off, in place.
+
+    The resolved config (config.json) then shows exactly what ran: the encoder, adapters and K-token CE alone."""
+    cfg.features = FeaturesConfig()
+    cfg.curriculum = CurriculumConfig()
+    cfg.losses.kd_weight = 0.0
+    for rec in cfg.receivers:
+        rec.teachers = []
 
 
 def parse_metric_name(metric: str, receiver_names: list[str] | None) -> tuple[str, str, str]:

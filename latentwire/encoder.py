@@ -10,11 +10,55 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from latentwire.config import EncoderConfig
 
 BYTE_VOCAB = 257  # 256 byte values + padding
 BYTE_PAD = 256
+
+
+class Attention(nn.Module):
+    """Multi-head attention from `x` (B, Lq, d) to `context` (B, Lk, d) with a key padding mask.
+
+    Written with plain Linear modules (called as modules) rather than nn.MultiheadAttention, whose functional
+    path reads `out_proj` weights outside a module call — which ZeRO-3's parameter fetching cannot see.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        b, lq, d = x.shape
+        lk = context.shape[1]
+        h, dh = self.n_heads, d // self.n_heads
+        q = self.q(x).view(b, lq, h, dh).transpose(1, 2)
+        k, v = self.kv(context).view(b, lk, 2, h, dh).permute(2, 0, 3, 1, 4)
+        keep = ~pad_mask[:, None, None, :]  # True where a key may be attended to
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, lq, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer over bytes: masked self-attention + GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, ff: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, ff), nn.GELU(), nn.Linear(ff, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h, pad_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class LatentPooler(nn.Module):
@@ -25,9 +69,10 @@ class LatentPooler(nn.Module):
         self.queries = nn.Parameter(torch.randn(n_slots, d_model) * d_model**-0.5)
         self.norm_q = nn.LayerNorm(d_model)
         self.norm_kv = nn.LayerNorm(d_model)
-        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.attn = Attention(d_model, n_heads)
         # Gates start at a small positive value: the pooled signal flows from step 0 but the residual dominates.
-        self.attn_gate = nn.Parameter(torch.full((1,), 0.5))  # shape (1,): DeepSpeed cannot broadcast 0-d tensors
+        # Shape (1,), not 0-d: DeepSpeed cannot broadcast 0-d tensors.
+        self.attn_gate = nn.Parameter(torch.full((1,), 0.5))
         self.mlp = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model))
         self.mlp_gate = nn.Parameter(torch.full((1,), 0.5))
@@ -36,9 +81,7 @@ class LatentPooler(nn.Module):
     def forward(self, states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """states (B, L, d), pad_mask (B, L) True at padding -> (B, M, d_z)."""
         q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
-        kv = self.norm_kv(states)
-        attended, _ = self.attn(self.norm_q(q), kv, kv, key_padding_mask=pad_mask, need_weights=False)
-        x = q + torch.tanh(self.attn_gate) * attended
+        x = q + torch.tanh(self.attn_gate) * self.attn(self.norm_q(q), self.norm_kv(states), pad_mask)
         x = x + torch.tanh(self.mlp_gate) * self.mlp(x)
         return self.out(x)
 
@@ -53,10 +96,8 @@ class ByteEncoder(nn.Module):
         self.max_bytes = max_bytes
         self.embed = nn.Embedding(BYTE_VOCAB, cfg.d_model, padding_idx=BYTE_PAD)
         self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        # enable_nested_tensor=False: the nested fast path changes numerics with padding, which must not matter.
-        self.layers = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout)
+                                    for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.pooler = LatentPooler(self.n_slots, cfg.d_model, cfg.n_heads, cfg.d_z)
 
@@ -69,7 +110,8 @@ class ByteEncoder(nn.Module):
             raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
         pad = ~mask
         x = self.embed(byte_ids) + self.pos[: byte_ids.shape[1]]
-        x = self.layers(x, src_key_padding_mask=pad)
+        for layer in self.layers:
+            x = layer(x, pad)
         x = self.norm(x)
         return self.pooler(x, pad)
 

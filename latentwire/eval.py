@@ -24,6 +24,7 @@ Run it from a checkpoint: `python launch/eval.py --checkpoint DIR/checkpoints/la
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -41,6 +42,7 @@ from latentwire import metrics, wire
 from latentwire.config import EVAL_METRIC_KEYS, RESERVED_RECEIVER_NAMES, parse_metric_name
 from latentwire.data import DataStats, Example, _pad, prompt_text
 from latentwire.encoder import bytes_to_tensor
+from latentwire.features import latent_context
 from latentwire.model import LatentWire
 from latentwire.receivers import Receiver, gathered
 
@@ -310,15 +312,20 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
             for path in paths:
                 embeds, mask, ids, nbytes = path_inputs(model, name, path, prompts, latents, payload_lens)
                 gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
-                tokens = receiver.generate(mask, ev.max_new_tokens, synced=synced, **gen_kwargs)
+                precision = path_precision(path, ev)
+                # Receiver-side features (LoRA, KV prefixes, latent adapters) see the latent on latent paths only.
+                with (latent_context(model, name, latents[precision]) if precision
+                      else contextlib.nullcontext()):
+                    tokens = receiver.generate(mask, ev.max_new_tokens, synced=synced, **gen_kwargs)
+                    if latency:
+                        for _ in range(ev.latency_repeats):
+                            prefill, decode = time_prefill_decode(receiver, embeds, mask, ev.max_new_tokens)
+                            lat[name][path]["prefill_ms"].append(prefill)
+                            lat[name][path]["decode_ms_per_token"].append(decode)
+                    nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask,
+                                                       [g[0] for g in golds])
                 for i, t in enumerate(tokens):
                     rows[start + i]["predictions"].setdefault(name, {})[path] = receiver.decode(t)
-                if latency:
-                    for _ in range(ev.latency_repeats):
-                        prefill, decode = time_prefill_decode(receiver, embeds, mask, ev.max_new_tokens)
-                        lat[name][path]["prefill_ms"].append(prefill)
-                        lat[name][path]["decode_ms_per_token"].append(decode)
-                nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask, [g[0] for g in golds])
                 rec = recs[name][path]
                 for i, gold in enumerate(golds):
                     pred = rows[start + i]["predictions"][name][path]

@@ -85,9 +85,15 @@ class LMHeadLoss(nn.Module):
     def forward(self, student: torch.Tensor, targets: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None, temperature: float = 1.0,
                 extra_teacher_logits: torch.Tensor | None = None, teacher_weights: list[float] | None = None,
-                norm: float | None = None) -> dict:
+                norm: float | None = None,
+                cached_teachers: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> dict:
         """student (B, K, H); targets (B, K); teacher_hidden (B, K, H) from the text pass (no grad);
-        extra_teacher_logits (T', B, K, V) from larger teachers; norm: see `_row_norm`. Without targets: {"logits": (B, K, V) fp32}."""
+        extra_teacher_logits (T', B, K, V) from larger live teachers; teacher_weights one weight per dense teacher
+        (text teacher first; None = 1 each); norm: see `_row_norm`; cached_teachers [(topk_ids (B, K, k),
+        topk_logprobs (B, K, k), weight)] from offline caches. Without targets: {"logits": (B, K, V) fp32}.
+
+        The dense teachers form one mixture scored by kd_softmax_loss, each cached teacher is scored by
+        kd_topk_loss, and "kd" = (W_dense * KD_dense + sum_c w_c * KD_c) / (W_dense + sum_c w_c)."""
         weight = self.weight
         if targets is None:
             return {"logits": teacher_logits_at(student, weight)}
@@ -98,6 +104,26 @@ class LMHeadLoss(nn.Module):
             teachers.append(teacher_logits_at(teacher_hidden, weight))
         if extra_teacher_logits is not None:
             teachers += list(extra_teacher_logits)
+        terms = []  # (weight, KD) of the dense mixture and of each cached teacher
         if teachers:
-            out["kd"] = kd_loss(student, weight, torch.stack(teachers), targets, temperature, teacher_weights, norm)
+            dense_weight = sum(teacher_weights) if teacher_weights is not None else float(len(teachers))
+            terms.append((dense_weight, kd_loss(student, weight, torch.stack(teachers), targets, temperature,
+                                                teacher_weights, norm)))
+        for topk_ids, topk_logprobs, cached_weight in cached_teachers or []:
+            terms.append((float(cached_weight), self._kd_topk(student, topk_ids, topk_logprobs, targets, temperature,
+                                                              norm)))
+        if len(terms) == 1:
+            out["kd"] = terms[0][1]
+        elif terms:
+            out["kd"] = sum(w * kd for w, kd in terms) / sum(w for w, _ in terms)
         return out
+
+    def _kd_topk(self, student: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 targets: torch.Tensor, temperature: float, norm: float | None) -> torch.Tensor:
+        """Sparse KD of student (B, K, H) against one cached teacher's top-k (B, K, k), normalized like kd_loss."""
+        b, k, h = student.shape
+        top = topk_ids.shape[-1]
+        mask = (targets != IGNORE).reshape(-1)
+        mean = kernels.kd_topk_loss(student.reshape(b * k, h), self.weight, topk_ids.reshape(b * k, top),
+                                    topk_logprobs.reshape(b * k, top), temperature=temperature, mask=mask)
+        return mean * int(mask.sum()) * _row_norm(targets, norm)

@@ -2,7 +2,8 @@
 
 `LatentWire.forward(batch, step)` runs one training micro-batch: encode bytes once, then per receiver exactly
 one latent teacher-forced pass (student) and one text pass (teacher, no grad), and the fused K-token CE + KD.
-`LatentWire.encode` / `prefix` are the pieces evaluation and the inference API reuse.
+`LatentWire.encode` / `prefix` are the pieces evaluation and the inference API reuse. Larger same-tokenizer
+teachers (latentwire/teachers.py) are attached with `attach_teachers`, outside the module tree.
 """
 
 from __future__ import annotations
@@ -10,20 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from latentwire import features
 from latentwire.adapters import Adapter
 from latentwire.config import Config
 from latentwire.encoder import ByteEncoder, drop_shared_slots
+from latentwire.features import curriculum
+from latentwire.features.curriculum import keep_probability
 from latentwire.losses import LMHeadLoss
 from latentwire.receivers import Receiver, is_partitioned
-
-
-def keep_probability(cfg: Config, step: int) -> float:
-    """Curriculum: shared-slot keep probability, linear from start to end over keep_ramp_steps."""
-    cur = cfg.curriculum
-    if cur.keep_ramp_steps <= 0:
-        return cur.latent_keep_end
-    t = min(1.0, step / cur.keep_ramp_steps)
-    return cur.latent_keep_start + t * (cur.latent_keep_end - cur.latent_keep_start)
+from latentwire.teachers import kd_targets
 
 
 class LatentWire(nn.Module):
@@ -40,13 +36,28 @@ class LatentWire(nn.Module):
         self.heads = nn.ModuleDict({r.cfg.name: LMHeadLoss(r.model.get_output_embeddings()) for r in receivers})
         self.inject_oom_at: int | None = None  # fault injection (LATENTWIRE_INJECT_OOM_AT_STEP), set by the trainer
         self.inject_oom_fired: int | None = None
+        self.inject_nan_steps: set[int] = set()  # LATENTWIRE_INJECT_NAN_AT_STEP: the loss becomes NaN at these steps
+        # {receiver name: [LiveTeacher | CachedTeacher]}: a plain dict, so teachers are not submodules (no optimizer
+        # state, not in checkpoints, not wrapped by the training engine).
+        self.teachers: dict[str, list] = {}
+        self.curriculum_state: dict = {}  # accuracy-driven curriculum state (features.after_step), rank-identical
+        # Optional features (latentwire/features): LoRA goes into the receivers, the rest lives here.
+        self.feature_modules = features.build(self)
+
+    def attach_teachers(self, teachers: dict[str, list]) -> None:
+        """Use the teachers of `latentwire.teachers.load_teachers` in every following training forward."""
+        unknown = sorted(set(teachers) - set(self.names))
+        if unknown:
+            raise ValueError(f"teachers given for unknown receiver(s) {unknown}; receivers are {self.names}")
+        self.teachers = {name: list(ts) for name, ts in teachers.items() if ts}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not a frozen receiver weight (encoder, adapters, their buffers)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("receivers.")}
+        """Everything that is not a frozen receiver weight (encoder, adapters, feature modules, LoRA weights)."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith("receivers.") or features.is_trainable_receiver_key(k)}
 
     def encode(self, byte_ids: torch.Tensor, byte_mask: torch.Tensor) -> torch.Tensor:
         """bytes (B, L), mask (B, L) -> Z (B, M_total, d_z): everything that goes on the wire."""
@@ -73,17 +84,25 @@ class LatentWire(nn.Module):
         k = cfg.losses.k_tokens
         total = z.new_zeros(())
         parts: dict[str, float] = {}
+        parts.update(features.on_batch_start(self, batch, step))  # curriculum (adaptive K masks targets)
+        parts.update(features.metrics(self))
         for name, receiver in self.receivers.items():
             rb = batch["receivers"][name]
-            prefix = self.prefix(z, name)
-            student = receiver.latent_pass(prefix, rb["latent_ids"], rb["latent_mask"], rb["latent_answer_start"], k)
-            teacher_hidden = None
-            if cfg.losses.kd_weight > 0:
-                teacher_hidden = receiver.text_pass(rb["text_ids"], rb["text_mask"], rb["text_answer_start"], k)
-            res = self.heads[name](student, rb["targets"], teacher_hidden, cfg.losses.kd_temperature,
-                                   norm=rb.get("loss_norm"))
+            prefix = features.warmup_prefix(self, name, self.prefix(z, name), rb, step)
+            with features.latent_context(self, name, z, prefix):  # the student reads the latent with its features
+                student = receiver.latent_pass(prefix, rb["latent_ids"], rb["latent_mask"],
+                                               rb["latent_answer_start"], k)
+            kd_inputs = {}
+            if cfg.losses.kd_weight > 0:  # text teacher (+ live and cached teachers): see latentwire/teachers.py
+                kd_inputs = kd_targets(receiver, self.teachers.get(name, []), rb, batch["ids"], k,
+                                       cfg.losses.text_teacher_weight)
+            res = self.heads[name](student, rb["targets"], temperature=cfg.losses.kd_temperature,
+                                   norm=rb.get("loss_norm"), **kd_inputs)
             loss = cfg.losses.ce_weight * res["ce"]
             parts[f"ce/{name}"] = float(res["ce"].detach())
+            first_weight = curriculum.first_token_weight(cfg, step)
+            if first_weight > 0:  # curriculum: extra CE on answer token 0
+                loss = loss + first_weight * self.heads[name](student[:, :1], rb["targets"][:, :1])["ce"]
             if "kd" in res:
                 loss = loss + cfg.losses.kd_weight * res["kd"]
                 parts[f"kd/{name}"] = float(res["kd"].detach())
@@ -109,4 +128,7 @@ class LatentWire(nn.Module):
                 for key, term in weighted_terms.items():
                     (grad,) = torch.autograd.grad(term, z_wire, retain_graph=True)
                     parts[f"grad_norm_latent/{key}"] = float(grad.norm())
-        return {"loss": total / len(self.receivers), "parts": parts}
+        loss = total / len(self.receivers)
+        if step + 1 in self.inject_nan_steps:
+            loss = loss * float("nan")
+        return {"loss": loss, "parts": parts}

@@ -178,6 +178,12 @@ class Receiver(nn.Module):
             from latentwire.adapters import embedding_rms
 
             self.embed_rms = embedding_rms(emb)
+        # Per-example latent state for the features (latentwire/features): installed by `features.latent_context`
+        # around every latent-path forward, read by the hooks below, None otherwise (text paths never see it).
+        self.latent = None
+        self._kv_source = None  # fn(latent) -> [(keys, values)] per layer, each (B, KV heads, P, head dim)
+        self._kv_len = 0  # P of the cache entries the current latent wrote (so decode steps can extend the mask)
+        self.train_mode_modules: list[nn.Module] = []  # feature submodules with train/eval behaviour (LoRA dropout)
 
     @classmethod
     def load(cls, cfg: ReceiverConfig, max_answer_tokens: int) -> "Receiver":
@@ -187,9 +193,72 @@ class Receiver(nn.Module):
         return cls(cfg, model, tokenizer, max_answer_tokens)
 
     def train(self, mode: bool = True):
-        # The receiver stays in eval mode (no dropout) whatever the wrapping module does.
+        # The frozen receiver stays in eval mode (no dropout) whatever the wrapping module does; only trainable
+        # feature parts inside it (LoRA dropout) follow the wrapping module.
         super().train(False)
+        for module in self.train_mode_modules:
+            module.train(mode)
         return self
+
+    def kv_geometry(self) -> tuple[int, int, int]:
+        """(decoder layers, key/value heads, head dim) of the receiver's KV cache; GQA-aware."""
+        config = self.model.config.get_text_config(decoder=True)
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return int(config.num_hidden_layers), kv_heads, head_dim
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.get_decoder().layers
+
+    def set_kv_source(self, fn) -> None:
+        """Every decoder forward while a latent is installed starts from a cache holding fn(latent).
+
+        fn(latent) -> [(keys, values)] per layer, each (B, KV heads, P, head dim). Callers stay unaware: the hook
+        writes those P entries into an empty cache (or a new one) on the sequence axis, prepends P ones to the 2D
+        attention mask on every call (prefill and each decode step), and, when the caller gives no position ids,
+        numbers the caller's own tokens from its mask (cumsum - 1) exactly as left-padded scoring and generation do.
+        """
+        if self._kv_source is not None:
+            raise RuntimeError(f"receiver {self.cfg.name!r} already has a KV source (deep prefix and coprocessor "
+                               "are exclusive)")
+        self._kv_source = fn
+        self.model.get_decoder().register_forward_pre_hook(self._kv_prefix_hook, with_kwargs=True)
+
+    def _kv_prefix_hook(self, module, args, kwargs):
+        if self.latent is None:
+            return None
+        if args:
+            raise TypeError("the KV prefix hook needs the decoder to be called with keyword arguments")
+        from transformers import DynamicCache
+
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x
+        batch, length = x.shape[:2]
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            cache = DynamicCache(config=self.model.config) if cache is None else cache
+            entries = self._kv_source(self.latent)
+            for layer, (keys, values) in enumerate(entries):
+                cache.update(keys.to(self.dtype), values.to(self.dtype), layer)  # concatenates on the sequence axis
+            self._kv_len = entries[0][0].shape[2]
+            kwargs["past_key_values"] = cache
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None:
+            if mask is not None:
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                start = cache.get_seq_length() - self._kv_len
+                kwargs["position_ids"] = torch.arange(start, start + length, device=x.device).unsqueeze(0)
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("the KV prefix needs a 2D attention mask (B, L)")
+            mask = torch.cat([mask.new_ones(batch, self._kv_len), mask], dim=1)
+            if mask.shape[1] != cache.get_seq_length() + length:
+                raise RuntimeError(f"attention mask covers {mask.shape[1]} positions but the cache holds "
+                                   f"{cache.get_seq_length()} + {length} new: a cache not started under this latent")
+            kwargs["attention_mask"] = mask
+        return args, kwargs
 
     @property
     def dtype(self) -> torch.dtype:

@@ -142,7 +142,8 @@ def read_metrics_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_training_curves(rows: list[dict], path: Path) -> Path:
+def plot_training_curves(rows: list[dict], path: Path) -> Path | None:
+    """One panel per group of logged series; groups with no values are left out (None if nothing to plot)."""
     plt = _pyplot()
     keys = sorted({k for r in rows for k in r})
     panels = [("loss parts", ["loss"] + [k for k in keys if k.startswith(("ce/", "kd/"))]),
@@ -151,8 +152,12 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path:
     held_out = [k for k in keys if k.startswith("eval/") and k.count("/") == 1]
     if held_out:
         panels.append(("held-out (periodic eval)", held_out))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (title, series) in zip(axes, panels):
+    panels = [(title, [k for k in series if any(r.get(k) is not None for r in rows)]) for title, series in panels]
+    panels = [(title, series) for title, series in panels if series]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
         for key in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
@@ -178,8 +183,9 @@ def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | 
     if plots:
         written.append(plot_em_by_path(result, out / EM_PLOT))
         rows = read_metrics_jsonl(Path(metrics_jsonl)) if metrics_jsonl and Path(metrics_jsonl).is_file() else []
-        if rows:
-            written.append(plot_training_curves(rows, out / CURVES_PLOT))
+        curves = plot_training_curves(rows, out / CURVES_PLOT) if rows else None
+        if curves is not None:
+            written.append(curves)
     return written
 
 

@@ -56,6 +56,7 @@ class Run:
     oom_events: int = 0  # cumulative over restarts
     oom_this_process: int = 0
     requeue_requested: bool = False
+    step_bad: bool = False  # a non-finite loss was seen in the current optimizer step (this rank)
 
     @property
     def is_main(self) -> bool:
@@ -104,25 +105,26 @@ def _hf_ds_alive(hf_ds_config):
         hf_ds.unset_hf_deepspeed_config()
 
 
-def _resolved_config_matches(out: Path, cfg: config_lib.Config) -> None:
+def _resolved_config_matches(out: Path, cfg: config_lib.Config, allow_change: bool) -> None:
+    """Refuse to resume a run directory with a different config (a diff of the changed keys), except for the
+    step budget, or anything at all with --allow_config_change."""
     saved = out / "config.json"
     if not saved.exists():
         return
     old = json.loads(saved.read_text())
     changed = config_lib.diff_configs(old, config_lib.to_dict(cfg))
-    # Fields that may legitimately change on resume (more steps, a smaller micro-batch after OOM).
-    allowed = ("train.max_steps", "train.micro_batch", "train.grad_accum", "eval.")
-    blocking = [c for c in changed if not c.startswith(allowed)]
-    if blocking:
-        raise config_lib.ConfigError("the config differs from the one this run directory was started with:\n  "
-                                     + "\n  ".join(blocking) + "\nuse a new --output_dir")
+    blocking = [c for c in changed if not c.startswith(("train.max_steps:", "eval."))]
+    if blocking and not allow_change:
+        raise config_lib.ConfigError(f"{out} was started with a different config; changed keys:\n  "
+                                     + "\n  ".join(blocking)
+                                     + "\nuse a new --output_dir, or pass --allow_config_change to resume anyway")
 
 
-def setup(cfg: config_lib.Config, out: Path, ds_path: str | None) -> Run:
+def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_change: bool = False) -> Run:
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)
     out.mkdir(parents=True, exist_ok=True)
-    _resolved_config_matches(out, cfg)
+    _resolved_config_matches(out, cfg, allow_config_change)
     train_examples, eval_examples = data_lib.load_splits(cfg.data)
     cuda = torch.cuda.is_available()
     receivers_h = _max_hidden_size(cfg)
@@ -149,6 +151,8 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None) -> Run:
     run = Run(cfg, out, rank, world, ds_config, engine, model, train_examples, eval_examples,
               micro_batch=micro, grad_accum=accum, oom_events=state.get("oom_events", 0))
     model.inject_oom_at = _oom_injection_step(state)
+    model.inject_nan_steps = _nan_injection_steps()
+    install_step_guard(run)
     run.start_step = load_latest(run)
     per_rank = frozen_bytes_per_rank(run)
     if run.is_main:
@@ -360,13 +364,36 @@ def verify_checkpoint(path: Path) -> None:
             raise RuntimeError(f"checkpoint {path}: file {rel} does not match its sha256 (corrupt)")
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """step_<N> directories, newest first (temporary .tmp_step_* directories are never candidates)."""
+    steps = [(int(p.name[5:]), p) for p in root.glob("step_*") if p.name[5:].isdigit()]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def find_resumable(out: Path, log=print) -> Path | None:
+    """The checkpoint to resume from: `latest` if it verifies, else the newest older one that does. A corrupt or
+    incomplete checkpoint is reported by name and skipped, never loaded."""
+    root = out / "checkpoints"
+    latest = root / "latest"
+    candidates = []
+    if latest.exists():
+        candidates.append(latest.resolve())
+    candidates += [p for p in complete_checkpoints(root) if p not in candidates]
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except RuntimeError as err:
+            log(f"skipping checkpoint {path}: {err}")
+    return None
+
+
 def load_latest(run: Run) -> int:
-    """Resume from checkpoints/latest if it exists: engine state, optimizer, scheduler. Returns the step."""
-    latest = run.out / "checkpoints" / "latest"
-    if not latest.exists():
+    """Resume from the newest verified checkpoint: engine state, optimizer, scheduler. Returns the step."""
+    log = print if run.is_main else (lambda *_: None)
+    path = find_resumable(run.out, log)
+    if path is None:
         return 0
-    path = latest.resolve()
-    verify_checkpoint(path)
     run.engine.load_checkpoint(str(path), tag="ds", load_module_strict=False, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
     step = json.loads((path / "trainer_state.json").read_text())["step"]
@@ -394,6 +421,62 @@ def _to_device(obj, device):
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+def _nan_injection_steps() -> set[int]:
+    raw = os.environ.get("LATENTWIRE_INJECT_NAN_AT_STEP", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
+def _grads_nonfinite(run: Run) -> bool:
+    """This rank's view of whether the accumulated gradients hold inf/NaN (ZeRO-2 checks its own; see below)."""
+    stage = zero_stage(run.ds_config)
+    if stage == 0:
+        return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in run.model.trainable_parameters())
+    if stage == 3:
+        return bool(run.engine.optimizer.has_overflow(partition_gradients=True))  # all-reduced inside
+    return False
+
+
+def _discard_gradients(run: Run) -> None:
+    opt = run.engine.optimizer
+    stage = zero_stage(run.ds_config)
+    if stage == 3:
+        opt._overflow_clean_up(opt.loss_scale)
+        return
+    opt.zero_grad(set_to_none=True)
+    if stage in (1, 2):
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers()
+        for key in list(getattr(opt, "averaged_gradients", {}).keys()):
+            opt.averaged_gradients[key] = None
+
+
+def install_step_guard(run: Run) -> None:
+    """Non-finite guard around the optimizer step DeepSpeed takes at each accumulation boundary.
+
+    If any rank saw a non-finite loss in this optimizer step, or the gradients are non-finite, every rank
+    (the decision is all-reduced) drops the accumulated gradients and skips the update. Marking the optimizer
+    `overflow` makes DeepSpeed count the step in `skipped_steps` and hold the LR schedule, exactly as for an fp16
+    overflow. ZeRO-1/2 optimizers also skip non-finite gradient norms by themselves."""
+    opt = run.engine.optimizer
+    original = opt.step
+
+    def guarded_step(*args, **kwargs):
+        bad = any_rank(run.step_bad or _grads_nonfinite(run))
+        run.step_bad = False
+        if bad:
+            _discard_gradients(run)
+            opt.overflow = True
+            return None
+        opt.overflow = False
+        return original(*args, **kwargs)
+
+    opt.step = guarded_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
 class StepOOM(Exception):
@@ -451,6 +534,8 @@ def run_step(run: Run, step: int, contracts: dict, device) -> tuple[float, dict]
         if any_rank(oom):
             del out, batch
             raise StepOOM(f"step {step + 1}, micro-batch {accum + 1}/{run.grad_accum}")
+        if not torch.isfinite(out["loss"].detach()).all():
+            run.step_bad = True  # still backpropagated, so every rank runs the same collectives; discarded below
         run.engine.backward(out["loss"])
         run.engine.step()
         losses_.append(float(out["loss"].detach()))
@@ -511,7 +596,9 @@ def train(run: Run) -> None:
         progress = tqdm(total=tr.max_steps, initial=run.start_step, desc="train", dynamic_ncols=True)
     metrics_path = run.out / "metrics.jsonl"
     step = run.start_step
+    bad_streak = 0
     while step < tr.max_steps:
+        skipped_before = run.engine.skipped_steps
         started = time.perf_counter()
         try:
             loss, parts = run_step(run, step, contracts, device)
@@ -519,17 +606,26 @@ def train(run: Run) -> None:
             handle_oom(run, str(err))
             continue  # the same global batch again, now in smaller micro-batches
         elapsed = time.perf_counter() - started
+        skipped = run.engine.skipped_steps > skipped_before
+        bad_streak = bad_streak + 1 if skipped else 0
         global_batch = run.micro_batch * run.grad_accum * run.world
-        row = {"step": step + 1, "loss": loss, **parts, "lr": run.engine.get_lr()[0],
-               "grad_norm": _grad_norm(run.engine), "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
+        finite = lambda v: v if isinstance(v, float) and v == v and abs(v) != float("inf") else None  # noqa: E731
+        row = {"step": step + 1, "loss": finite(loss), **{k: finite(v) for k, v in parts.items()},
+               "skipped": skipped, "skipped_steps": run.engine.skipped_steps, "lr": run.engine.get_lr()[0],
+               "grad_norm": finite(_grad_norm(run.engine)), "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
                "global_batch": global_batch, "oom_events": run.oom_events, "examples_per_s": global_batch / elapsed}
         if run.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             progress.update(1)
             if (step + 1) % tr.log_every == 0:
-                progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+                progress.set_postfix(loss="skipped" if skipped else f"{loss:.3f}", lr=f"{row['lr']:.2e}")
         step += 1
+        if bad_streak >= tr.max_consecutive_bad_steps:
+            save_checkpoint(run, step)  # skipped steps left the weights at the last good state
+            raise NonFiniteError(f"{bad_streak} consecutive optimizer steps (up to step {step}) had a non-finite loss "
+                                 f"or gradient and were skipped; stopping (train.max_consecutive_bad_steps="
+                                 f"{tr.max_consecutive_bad_steps}). The last good weights are in checkpoints/step_{step}.")
         requeue = any_rank(run.requeue_requested)
         if step % tr.save_every == 0 or step == tr.max_steps or requeue:
             save_checkpoint(run, step)
@@ -574,8 +670,8 @@ def active_features(cfg: config_lib.Config) -> list[str]:
     return [name for name, on in config_lib.to_dict(cfg.features).items() if on is True]
 
 
-def main(cfg: config_lib.Config, out: Path, ds_path: str | None) -> Run:
-    run = setup(cfg, out, ds_path)
+def main(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_change: bool = False) -> Run:
+    run = setup(cfg, out, ds_path, allow_config_change)
     train(run)
     if cfg.eval.at_end:
         evaluate_run(run)

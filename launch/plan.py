@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -57,6 +56,10 @@ DEFAULT_TRAINABLE_BYTES = 1 * GiB
 # or the no-grad forward (teachers), for a micro-batch of a few hundred tokens.
 DEFAULT_ACTIVATION_BYTES_PER_MODEL = 2 * GiB
 RECEIVERS_UNIT = "receivers"  # receivers are placed together: they share the training engine
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)  # integers only: identical on every rank and platform
 
 
 class PlanError(ValueError):
@@ -88,7 +91,7 @@ class ModelSpec:
     @property
     def gather_bytes(self) -> int:
         """ZeRO-3 working set while this model runs partitioned: the current layer plus the prefetched one."""
-        return 2 * math.ceil(self.weight_bytes / self.n_layers)
+        return 2 * _ceil_div(self.weight_bytes, self.n_layers)
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ def _units(models: tuple[ModelSpec, ...]) -> list[tuple[str, tuple[ModelSpec, ..
 
 
 def _zero3_peak(models: Sequence[ModelSpec], partitioned: set[str], world_size: int, fixed: int) -> int:
-    resident = sum(math.ceil(m.weight_bytes / world_size) if m.name in partitioned else m.weight_bytes
+    resident = sum(_ceil_div(m.weight_bytes, world_size) if m.name in partitioned else m.weight_bytes
                    for m in models)
     gather = max((m.gather_bytes for m in models if m.name in partitioned), default=0)
     return fixed + resident + gather
@@ -195,6 +198,12 @@ def _min_ranks(models: Sequence[ModelSpec], budget: int, fixed: int) -> int | No
 
 def _fixed_bytes(models: Sequence[ModelSpec], trainable_bytes: int, activation_bytes_per_model: int) -> int:
     return trainable_bytes + activation_bytes_per_model * len(models)
+
+
+def _teacher_hint(models: Sequence[ModelSpec]) -> str:
+    if any(m.role == "teacher" for m in models):
+        return ", or give teachers an offline logit cache (teachers[].cache) instead of running them live"
+    return ""
 
 
 def _plan_partitioned(models, world_size, budget, fixed, reasons, memory_words):
@@ -225,8 +234,8 @@ def _plan_partitioned(models, world_size, budget, fixed, reasons, memory_words):
     if ranks is None:
         message += "The trainables and activations alone exceed a rank's budget: lower train.micro_batch."
     else:
-        message += (f"With ZeRO-3 it would fit on {ranks} or more ranks of this size; or give teachers an offline "
-                    f"logit cache (teachers[].cache), or use ds_configs/zero3_offload.json.")
+        message += (f"With ZeRO-3 it would fit on {ranks} or more ranks of this size"
+                    f"{_teacher_hint(models)}, or keep partitions in CPU RAM (ds_configs/zero3_offload.json).")
     raise PlanError(message)
 
 
@@ -243,14 +252,14 @@ def _plan_device_map(models, gpus, budget, fixed, reasons, memory_words):
         for m in members:
             split.add(m.name)
         # Trainables and activations sit on GPU 0 beside its share of every split model.
-        peak = fixed + sum(math.ceil(m.weight_bytes / gpus) if m.name in split else m.weight_bytes for m in models)
+        peak = fixed + sum(_ceil_div(m.weight_bytes, gpus) if m.name in split else m.weight_bytes for m in models)
         reasons.append(f"device_map {name} over {gpus} GPUs: GPU 0 holds {gib(peak)}")
         if peak <= budget:
             return split, peak
     raise PlanError(f"the frozen models do not fit: split over all {gpus} GPUs of the process they need {gib(peak)} "
                     f"on GPU 0 (weights {gib(sum(m.weight_bytes for m in models))}, plus {gib(fixed)} for "
-                    f"trainables and activations), but a GPU has {memory_words}. Use more GPUs or an offline "
-                    f"logit cache for the teachers (teachers[].cache).")
+                    f"trainables and activations), but a GPU has {memory_words}. Use more GPUs"
+                    f"{_teacher_hint(models)}.")
 
 
 def plan_placement(models: Sequence[ModelSpec], gpus: int, gpu_mem_bytes: int, world_size: int,
@@ -309,9 +318,9 @@ def plan_placement(models: Sequence[ModelSpec], gpus: int, gpu_mem_bytes: int, w
     for m in models:
         strategy = strategy_of[m.name]
         if strategy == "zero3":
-            per_rank = per_device = math.ceil(m.weight_bytes / world_size)
+            per_rank = per_device = _ceil_div(m.weight_bytes, world_size)
         elif strategy == "device_map":
-            per_rank, per_device = m.weight_bytes, math.ceil(m.weight_bytes / gpus)
+            per_rank, per_device = m.weight_bytes, _ceil_div(m.weight_bytes, gpus)
         else:
             per_rank = per_device = m.weight_bytes
         engine = "training" if m.role == "receiver" else ("inference" if strategy == "zero3" else "none")

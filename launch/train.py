@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (ds_configs/*.json); default: ZeRO-0")
     parser.add_argument("--dry_run", action="store_true", help="resolve the config, print the plan, load nothing")
+    parser.add_argument("--allow_config_change", action="store_true",
+                        help="resume an existing run directory even though its config differs")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         return 0
     from latentwire.train import main as train_main
 
-    train_main(cfg, Path(args.output_dir), args.deepspeed)
+    train_main(cfg, Path(args.output_dir), args.deepspeed, args.allow_config_change)
     return 0
 
 

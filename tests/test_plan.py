@@ -4,7 +4,6 @@
 """
 
 import json
-import math
 import random
 import re
 
@@ -55,7 +54,7 @@ def test_8x80gb_partitions_the_70b_teacher_and_replicates_receivers():
     assert strategies(plan) == {"llama8b": "replicate", "qwen7b": "replicate", "llama70b": "zero3"}
     teacher = plan.placement("llama70b")
     assert teacher.engine == "inference" and plan.teacher_inference_engines
-    assert teacher.bytes_per_rank == math.ceil(LLAMA70B.weight_bytes / 8)
+    assert teacher.bytes_per_rank == -(-LLAMA70B.weight_bytes // 8)
     assert plan.zero_stage == 2  # receivers replicated: the training engine need not partition parameters
     assert plan.peak_bytes <= plan.budget_bytes
 
@@ -73,7 +72,7 @@ def test_four_gpus_in_one_process_use_a_device_map():
     assert strategies(plan) == {"llama8b": "replicate", "llama70b": "device_map"}
     teacher = plan.placement("llama70b")
     assert teacher.bytes_per_rank == LLAMA70B.weight_bytes  # the one process holds all of it ...
-    assert teacher.bytes_per_device == math.ceil(LLAMA70B.weight_bytes / 4)  # ... a quarter per GPU
+    assert teacher.bytes_per_device == -(-LLAMA70B.weight_bytes // 4)  # ... a quarter per GPU
     assert plan.zero_stage == 0 and not plan.teacher_inference_engines
     assert any("out of" in r for r in plan.reasons)  # device-mapped models stay outside the engine
 
