@@ -138,6 +138,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    decay_steps: int = 0  # cosine horizon in steps, independent of max_steps so extending a run keeps its schedule; 0 = constant lr after warm-up
     warmup_steps: int = 2  # linear warm-up steps
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # global gradient-norm clip over all trainables (0 = off)
@@ -391,6 +392,7 @@ def validate(cfg: Config) -> None:
         _check_positive(f"train.{key}", getattr(tr, key))
     _check_positive("train.lr", tr.lr)
     _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _check_positive("train.decay_steps", tr.decay_steps, allow_zero=True)
     _check_positive("train.grad_clip", tr.grad_clip, allow_zero=True)
     ev = cfg.eval
     _check_positive("eval.max_examples", ev.max_examples, allow_zero=True)

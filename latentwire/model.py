@@ -14,9 +14,8 @@ import torch.nn as nn
 from latentwire import features
 from latentwire.adapters import Adapter
 from latentwire.config import Config
-from latentwire.encoder import ByteEncoder, drop_shared_slots
+from latentwire.encoder import ByteEncoder
 from latentwire.features import curriculum
-from latentwire.features.curriculum import keep_probability
 from latentwire.losses import LMHeadLoss
 from latentwire.receivers import Receiver, is_partitioned
 from latentwire.teachers import kd_targets
@@ -77,10 +76,7 @@ class LatentWire(nn.Module):
         every = cfg.train.diagnostics_every
         diagnose = every > 0 and step % every == 0
         weighted_terms: dict[str, torch.Tensor] = {}  # loss terms as they enter the total, for grad norms at Z
-        keep = keep_probability(cfg, step)
-        if keep < 1.0:
-            gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-            z = drop_shared_slots(z, cfg.encoder.m_shared, keep, gen)
+        z = curriculum.slot_dropout(z, cfg, step)  # latent dropout of shared slots, keyed by the step
         k = cfg.losses.k_tokens
         total = z.new_zeros(())
         parts: dict[str, float] = {}

@@ -184,6 +184,7 @@ class Receiver(nn.Module):
         self._kv_source = None  # fn(latent) -> [(keys, values)] per layer, each (B, KV heads, P, head dim)
         self._kv_len = 0  # P of the cache entries the current latent wrote (so decode steps can extend the mask)
         self.train_mode_modules: list[nn.Module] = []  # feature submodules with train/eval behaviour (LoRA dropout)
+        self.feature_hooks: list = []  # handles of feature hooks on decoder layers, removed when a model is rebuilt
 
     @classmethod
     def load(cls, cfg: ReceiverConfig, max_answer_tokens: int) -> "Receiver":
@@ -219,11 +220,9 @@ class Receiver(nn.Module):
         attention mask on every call (prefill and each decode step), and, when the caller gives no position ids,
         numbers the caller's own tokens from its mask (cumsum - 1) exactly as left-padded scoring and generation do.
         """
-        if self._kv_source is not None:
-            raise RuntimeError(f"receiver {self.cfg.name!r} already has a KV source (deep prefix and coprocessor "
-                               "are exclusive)")
+        if self._kv_source is None:  # one hook for the receiver's life; a rebuilt model (stage hand-off) swaps fn
+            self.model.get_decoder().register_forward_pre_hook(self._kv_prefix_hook, with_kwargs=True)
         self._kv_source = fn
-        self.model.get_decoder().register_forward_pre_hook(self._kv_prefix_hook, with_kwargs=True)
 
     def _kv_prefix_hook(self, module, args, kwargs):
         if self.latent is None:

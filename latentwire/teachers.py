@@ -46,7 +46,6 @@ from latentwire.receivers import (Receiver, is_partitioned, load_causal_lm, load
 
 CACHE_MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
-IGNORE = -100
 
 
 class TeacherError(ValueError):
@@ -166,8 +165,18 @@ class LiveTeacher:
 
     @torch.no_grad()
     def logits(self, rb: dict, k: int) -> torch.Tensor:
+        """rb: one receiver's batch entry (`data.collate`) -> (B, K, V) fp32 teacher logits, no grad."""
         run = self.engine if self.engine is not None else self.forward
         return run(rb["text_ids"], rb["text_mask"], rb["text_answer_start"], k)
+
+    def param_bytes(self) -> tuple[int, int]:
+        """(total bytes of the teacher's parameters, bytes resident on this rank: its partition under ZeRO-3)."""
+        total = resident = 0
+        for p in self.forward.parameters():
+            size = p.element_size()
+            total += (p.ds_numel if is_partitioned(p) else p.numel()) * size
+            resident += (p.ds_tensor.numel() if is_partitioned(p) else p.numel()) * size
+        return total, resident
 
 
 def teacher_ds_config(ds_config: dict) -> dict:
@@ -233,7 +242,15 @@ def build_live_teacher(receiver: Receiver, teacher: TeacherConfig, ds_config: di
     inference = teacher_ds_config(ds_config) if zero_stage(ds_config) == 3 else None
     forward, engine = build_teacher_forward(teacher.path, receiver.cfg.dtype, vocab, len(tokenizer), inference,
                                             where)
-    return LiveTeacher(teacher.path, teacher.weight, forward, engine)
+    live = LiveTeacher(teacher.path, teacher.weight, forward, engine)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        total, resident = live.param_bytes()
+        how = "ZeRO-3 inference engine" if engine is not None else "replicated"
+        print(f"live teacher {teacher.path} for receiver {receiver.cfg.name}: {how}, {resident} of {total} "
+              "parameter bytes resident on rank 0", flush=True)
+    return live
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,11 +278,18 @@ def tempered_topk(logits: torch.Tensor, top_k: int, temperature: float) -> tuple
     return ids.to(torch.int64), values.float()
 
 
+def answer_rows(rb: dict, k: int) -> torch.Tensor:
+    """(B,) number of the K positions that hold a real answer token or EOS, read from the text sequence itself
+    (the curriculum may mask `targets` further; the cache keeps every answer row)."""
+    answer_len = rb["text_mask"].sum(1) - rb["text_answer_start"].to(rb["text_mask"].device)
+    return answer_len.clamp(min=0, max=k).to(torch.int64)
+
+
 def cache_entries(example_ids: list[str], rb: dict, logits: torch.Tensor, top_k: int,
                   temperature: float) -> dict[str, torch.Tensor]:
     """The safetensors entries of one batch: f"{id}.ids", ".logprobs", ".valid" (1,), ".text_sha256" (32,)."""
     ids, logprobs = tempered_topk(logits, top_k, temperature)
-    valid = (rb["targets"] != IGNORE).sum(1)
+    valid = answer_rows(rb, logits.shape[1])
     out = {}
     for b, ex_id in enumerate(example_ids):
         out[f"{ex_id}.ids"] = ids[b].cpu().clone()  # own storage: safetensors refuses shared tensors
@@ -344,8 +368,9 @@ class CachedTeacher:
         Raises naming the example when it is missing, or when its cached teacher input or number of supervised
         tokens differs from this batch row (data or tokenization changed since the cache was written)."""
         ids, logprobs = [], []
-        targets = rb["targets"].cpu()
         text_ids, text_mask = rb["text_ids"].cpu(), rb["text_mask"].cpu()
+        rows = answer_rows({"text_mask": text_mask, "text_answer_start": rb["text_answer_start"].cpu()},
+                           rb["targets"].shape[1])
         for b, ex_id in enumerate(example_ids):
             shard = self._where.get(ex_id)
             if shard is None:
@@ -353,7 +378,7 @@ class CachedTeacher:
                                    f"({len(self)} examples); rebuild it over this run's training data")
             handle = self._files[shard]
             valid = int(handle.get_tensor(f"{ex_id}.valid")[0])
-            if valid != int((targets[b] != IGNORE).sum()) or not torch.equal(
+            if valid != int(rows[b]) or not torch.equal(
                     handle.get_tensor(f"{ex_id}.text_sha256"), sequence_digest(text_ids[b], text_mask[b])):
                 raise TeacherError(f"teacher cache {self.path!r}: example id {ex_id!r} was cached from a different "
                                    "text sequence than this batch builds; rebuild the cache")

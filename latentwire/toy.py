@@ -33,13 +33,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-FIRST_NAMES = ("Ada", "Bo", "Cy", "Di", "Eli", "Fay", "Gus", "Hal", "Ida", "Jo", "Kai", "Lu", "Max", "Ned", "Oz",
+# Fixed widths (3-letter first names, 4-letter last names, 3-letter values) give every fact the same byte length,
+# so facts sit at regular byte offsets: the byte encoder has learned absolute positions, not relative ones.
+FIRST_NAMES = ("Ada", "Bea", "Cal", "Dan", "Eli", "Fay", "Gus", "Hal", "Ida", "Joe", "Kai", "Lou", "Max", "Ned", "Oli",
                "Pia")
 LAST_NAMES = ("Hart", "Vale", "Moss", "Reed", "Lark", "Snow", "Pike", "Cole", "Dunn", "Frey", "Gray", "Holt", "Kerr",
               "Lowe", "Roth", "Webb")
 VALUES = ("owl", "fox", "elk", "yak", "ape", "bat", "bee", "cow", "eel", "emu", "hen", "pig", "ram", "cod", "ant",
-          "gnu", "fig", "lime", "plum", "pear", "kiwi", "date", "corn", "bean", "rice", "oat", "nut", "egg", "jam",
-          "tea", "ham", "bun")
+          "gnu", "fig", "oat", "nut", "egg", "jam", "tea", "ham", "bun", "yam", "pea", "rye", "cup", "mug", "pen",
+          "hat", "key")
 MAX_FACTS = 8
 FACT = "{first} {last} keeps the {value}."
 QUESTION = "What does {first} {last} keep?"

@@ -68,7 +68,8 @@ class Run:
 
 
 def lr_lambda(cfg: config_lib.Config):
-    """Linear warm-up then cosine decay to min_lr_ratio * lr, as a multiplier of the peak lr."""
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr over train.decay_steps (constant if 0), as a
+    multiplier of the peak lr. The horizon is not max_steps: a run extended by resuming keeps its schedule."""
     import math
 
     tr = cfg.train
@@ -76,8 +77,9 @@ def lr_lambda(cfg: config_lib.Config):
     def fn(step: int) -> float:
         if step < tr.warmup_steps:
             return (step + 1) / (tr.warmup_steps + 1)
-        span = max(1, tr.max_steps - tr.warmup_steps)
-        progress = min(1.0, (step - tr.warmup_steps) / span)
+        if tr.decay_steps <= 0:
+            return 1.0
+        progress = min(1.0, (step - tr.warmup_steps) / max(1, tr.decay_steps - tr.warmup_steps))
         return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn

@@ -29,10 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentwire.distributed import setup_environment  # noqa: E402
-
-setup_environment()  # before deepspeed is imported anywhere
-
 from latentwire import config as config_lib  # noqa: E402
 
 
@@ -94,6 +90,90 @@ def check_unique_ids(examples, max_prompt_bytes: int) -> None:
                              "id, so ids must be unique (e.g. several NQ files number their rows alike)")
 
 
+def build_cache(cfg: config_lib.Config, teacher: str, out: Path, top_k: int = 64, receiver: str | None = None,
+                batch_size: int = 8, ds_path: str | None = None, rank: int = 0, world: int = 1) -> dict | None:
+    """This rank's share of the cache (examples i with i % world == rank) -> out/shard_<rank>.safetensors; after a
+    barrier rank 0 writes out/manifest.json and returns it (other ranks return None). Works without a process
+    group when world == 1."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from latentwire import data as data_lib
+    from latentwire.distributed import barrier, build_ds_config, read_ds_config, zero_stage
+    from latentwire.receivers import PrefixContract, load_tokenizer, resolve_model_path
+    from latentwire.teachers import (CACHE_MANIFEST, build_teacher_forward, cache_entries, cache_manifest,
+                                     teacher_ds_config)
+
+    out = Path(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CACHE_MANIFEST).unlink(missing_ok=True)  # no manifest until every shard of THIS run is complete
+    barrier()
+    teacher_tokenizer = load_tokenizer(resolve_model_path(teacher))
+    rcfg, tokenizer = pick_receiver(cfg, teacher, teacher_tokenizer, receiver)
+    contract = PrefixContract(tokenizer, rcfg.anchor, rcfg.bos_policy, cfg.data.max_answer_tokens)
+    vocab = int(AutoConfig.from_pretrained(resolve_model_path(rcfg.path)).vocab_size)  # receiver LM-head rows
+    top_k = min(top_k, vocab)
+    inference = None
+    if ds_path is not None:
+        hidden = int(AutoConfig.from_pretrained(resolve_model_path(teacher)).hidden_size)
+        ds = build_ds_config(read_ds_config(ds_path), batch_size, 1, world, 1e-3, 0.0, 0.0, hidden,
+                             torch.cuda.is_available())
+        inference = teacher_ds_config(ds) if zero_stage(ds) == 3 else None
+    forward, engine = build_teacher_forward(teacher, rcfg.dtype, vocab, len(tokenizer), inference,
+                                            f"teacher {teacher!r}")
+    run = engine if engine is not None else forward
+    device = engine.device if engine is not None else next(forward.parameters()).device
+
+    train = data_lib.load_splits(cfg.data)[0]
+    check_unique_ids(train, cfg.data.max_prompt_bytes)
+    mine = list(range(rank, len(train), world))
+    # Under ZeRO-3 every rank must run the same forwards: ranks with fewer examples repeat a batch, unsaved.
+    per_rank = math.ceil(len(train) / world) if engine is not None else len(mine)
+    n_batches = math.ceil(per_rank / batch_size)
+    k, tau = cfg.losses.k_tokens, cfg.losses.kd_temperature
+    entries: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        examples = [train[i] for i in (chunk or mine[:batch_size] or [0])]
+        batch = data_lib.collate(examples, {rcfg.name: contract}, cfg.data.max_prompt_bytes, k)
+        rb = {key: v.to(device) if isinstance(v, torch.Tensor) else v
+              for key, v in batch["receivers"][rcfg.name].items()}
+        with torch.no_grad():
+            logits = run(rb["text_ids"], rb["text_mask"], rb["text_answer_start"], k)
+        if chunk:
+            entries.update(cache_entries(batch["ids"], rb, logits, top_k, tau))
+        if rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
+            print(f"batch {b + 1}/{n_batches} ({time.perf_counter() - started:.0f}s)", flush=True)
+    shard = out / f"shard_{rank}.safetensors"
+    tmp = shard.with_name(shard.name + ".tmp")
+    save_file(entries, str(tmp), metadata={"rank": str(rank), "world_size": str(world)})
+    os.chmod(tmp, 0o644)  # safetensors writes through a private (0600) temp file
+    os.replace(tmp, shard)
+    barrier()
+    manifest = None
+    if rank == 0:
+        shards, ids = [], set()
+        for r in range(world):
+            name = f"shard_{r}.safetensors"
+            with safe_open(str(out / name), framework="pt") as handle:
+                shard_ids = {key[: -len(".valid")] for key in handle.keys() if key.endswith(".valid")}
+            ids |= shard_ids
+            shards.append({"file": name, "n_examples": len(shard_ids), "bytes": (out / name).stat().st_size})
+        manifest = cache_manifest(cfg, rcfg.name, contract, teacher, teacher_tokenizer, vocab, top_k, len(ids),
+                                  shards)
+        tmp = out / (CACHE_MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out / CACHE_MANIFEST)
+        print(f"cached {len(ids)} examples of teacher {teacher} for receiver {rcfg.name} in {out} "
+              f"({time.perf_counter() - started:.0f}s)", flush=True)
+    barrier()
+    return manifest
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -104,82 +184,12 @@ def main(argv=None) -> int:
     if args.top_k < 1:
         print(f"--top_k must be >= 1, got {args.top_k}", file=sys.stderr)
         return 2
+    from latentwire.distributed import init_distributed, setup_environment
 
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    from latentwire import data as data_lib
-    from latentwire.distributed import (barrier, build_ds_config, init_distributed, read_ds_config,
-                                        zero_stage)
-    from latentwire.receivers import PrefixContract, load_tokenizer, resolve_model_path
-    from latentwire.teachers import (CACHE_MANIFEST, build_teacher_forward, cache_entries, cache_manifest,
-                                     teacher_ds_config)
-
+    setup_environment()  # before deepspeed is imported anywhere
     rank, world = init_distributed()
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CACHE_MANIFEST).unlink(missing_ok=True)  # no manifest until every shard of THIS run is complete
-    barrier()
-
-    teacher_tokenizer = load_tokenizer(resolve_model_path(args.teacher))
-    rcfg, tokenizer = pick_receiver(cfg, args.teacher, teacher_tokenizer, args.receiver)
-    contract = PrefixContract(tokenizer, rcfg.anchor, rcfg.bos_policy, cfg.data.max_answer_tokens)
-    vocab = int(AutoConfig.from_pretrained(resolve_model_path(rcfg.path)).vocab_size)  # receiver LM-head rows
-    inference = None
-    if args.deepspeed is not None:
-        hidden = int(AutoConfig.from_pretrained(resolve_model_path(args.teacher)).hidden_size)
-        ds = build_ds_config(read_ds_config(args.deepspeed), args.batch_size, 1, world, 1e-3, 0.0, 0.0, hidden,
-                             torch.cuda.is_available())
-        inference = teacher_ds_config(ds) if zero_stage(ds) == 3 else None
-    top_k = min(args.top_k, vocab)
-    forward, engine = build_teacher_forward(args.teacher, rcfg.dtype, vocab, len(tokenizer), inference,
-                                            f"teacher {args.teacher!r}")
-    run = engine if engine is not None else forward
-    device = next(forward.parameters()).device if engine is None else engine.device
-
-    train = data_lib.load_splits(cfg.data)[0]
-    check_unique_ids(train, cfg.data.max_prompt_bytes)
-    mine = list(range(rank, len(train), world))
-    # Under ZeRO-3 every rank must run the same forwards: ranks with fewer examples repeat one batch, unsaved.
-    n_batches = math.ceil(math.ceil(len(train) / world) / args.batch_size) if engine else \
-        math.ceil(len(mine) / args.batch_size)
-    k, tau = cfg.losses.k_tokens, cfg.losses.kd_temperature
-    entries: dict[str, torch.Tensor] = {}
-    started = time.perf_counter()
-    for b in range(n_batches):
-        chunk = mine[b * args.batch_size:(b + 1) * args.batch_size]
-        examples = [train[i] for i in (chunk or mine[:args.batch_size] or [0])]
-        batch = data_lib.collate(examples, {rcfg.name: contract}, cfg.data.max_prompt_bytes, k)
-        rb = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch["receivers"][rcfg.name].items()}
-        with torch.no_grad():
-            logits = run(rb["text_ids"], rb["text_mask"], rb["text_answer_start"], k)
-        if chunk:
-            entries.update(cache_entries(batch["ids"], rb, logits, top_k, tau))
-        if rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
-            print(f"batch {b + 1}/{n_batches} ({time.perf_counter() - started:.0f}s)", flush=True)
-    shard = f"shard_{rank}.safetensors"
-    save_file(entries, str(out / (shard + ".tmp")), metadata={"rank": str(rank), "world_size": str(world)})
-    os.replace(out / (shard + ".tmp"), out / shard)
-    barrier()
-    if rank == 0:
-        shards, ids = [], set()
-        for r in range(world):
-            name = f"shard_{r}.safetensors"
-            with safe_open(str(out / name), framework="pt") as handle:
-                shard_ids = {key[: -len(".valid")] for key in handle.keys() if key.endswith(".valid")}
-            ids |= shard_ids
-            shards.append({"file": name, "n_examples": len(shard_ids), "bytes": (out / name).stat().st_size})
-        manifest = cache_manifest(cfg, rcfg.name, contract, args.teacher, teacher_tokenizer, vocab, top_k,
-                                  len(ids), shards)
-        tmp = out / (CACHE_MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, out / CACHE_MANIFEST)
-        print(f"cached {len(ids)} examples of teacher {args.teacher} for receiver {rcfg.name} in {out} "
-              f"({time.perf_counter() - started:.0f}s)", flush=True)
-    barrier()
+    build_cache(cfg, args.teacher, Path(args.out), args.top_k, args.receiver, args.batch_size, args.deepspeed,
+                rank, world)
     return 0
 
 

@@ -9,7 +9,8 @@ architecture, trained with AdamW on the answer tokens only (answer + EOS), in ex
 LatentWire uses: [BOS?] "Context: ...\\nQuestion: ...\\n" "Answer:" " value" [EOS] (`PrefixContract`).
 
 Retrieval needs an induction-style phase change that a model trained directly on many facts does not find, so
-training follows a curriculum over the number of facts: stage n draws 1..n facts per example and moves on once
+training follows a curriculum over the number of facts: stage n draws (previous n)+1..n facts per example (the
+first stage exactly n: with a single fact, copying the only value would pass without any matching) and moves on once
 greedy accuracy on held-out people with exactly n facts reaches `--advance_at`; the last stage (8 facts) stops at
 `--final_at` or `--max_steps`. Accuracy is teacher-forced all-tokens-correct over answer + EOS, which is exactly
 greedy-decoding exact match.
@@ -141,7 +142,8 @@ def pretrain(kind: str, out: Path, args) -> dict:
             group["lr"] = lr
         rng = random.Random(f"{args.seed}-{step}")
         n_max = stages[stage]
-        examples = [toy.make_example(rng, train_people, rng.randint(1, n_max)) for _ in range(args.batch)]
+        n_min = stages[stage - 1] + 1 if stage else n_max
+        examples = [toy.make_example(rng, train_people, rng.randint(n_min, n_max)) for _ in range(args.batch)]
         loss, _ = answer_loss_and_hits(model, *encode_batch(contract, examples))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,7 +153,7 @@ def pretrain(kind: str, out: Path, args) -> dict:
             continue
         acc = held_out_accuracy(model, contract, n_max, args.eval_examples, args.seed + 17)
         last = stage == len(stages) - 1
-        log.append({"step": step, "facts": n_max, "loss": round(float(loss), 4), "held_out_acc": acc,
+        log.append({"step": step, "facts": n_max, "loss": round(float(loss.detach()), 4), "held_out_acc": acc,
                     "elapsed_s": round(time.perf_counter() - started, 1)})
         print(f"[{kind}] step {step} facts {n_max} loss {float(loss):.4f} held-out acc {acc:.1f}%", flush=True)
         if not last and acc >= args.advance_at:

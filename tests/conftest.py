@@ -63,3 +63,20 @@ def train_cmd(out: Path, steps: int = 4, extra: list[str] | None = None) -> list
     for s in small_overrides(steps, extra):
         cmd += ["--set", s]
     return cmd
+
+
+def free_port() -> int:
+    """A free TCP port for a launcher's rendezvous (concurrent runs must not share 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(nproc: int = 2) -> list[str]:
+    """The real `deepspeed` launcher next to this interpreter, on CPU ranks, with a private port."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    if not os.path.exists(launcher):
+        pytest.skip("the deepspeed launcher is not installed next to this interpreter")
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port())]

@@ -1,24 +1,17 @@
 """Two CPU ranks through the real `deepspeed` launcher: ZeRO-3 partitions the frozen receivers."""
 
 import json
-import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_jsonl, run_cli, small_overrides
+from tests.conftest import deepspeed_cmd, read_jsonl, run_cli, small_overrides
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 @pytest.mark.slow
 def test_two_rank_zero3_run_partitions_frozen_weights(tmp_path, tiny_dir):
-    if not os.path.exists(DEEPSPEED):
-        pytest.skip("the deepspeed launcher is not installed next to this interpreter")
     out = tmp_path / "z3"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--deepspeed", "ds_configs/zero3.json",
+    cmd = deepspeed_cmd(2) + ["launch/train.py", "--deepspeed", "ds_configs/zero3.json",
            "--config", "configs/tiny.json", "--output_dir", str(out)]
     for s in small_overrides(3):
         cmd += ["--set", s]

@@ -235,7 +235,12 @@ def cuda_operand_layout_bf16(device):
 
 @case
 def triton_path_really_ran(device):
-    """Every kernel was launched by the cases above (they run first), through the interpreter on CPU."""
+    """Every kernel is launched (through the interpreter on CPU) when each op runs once with all gradients."""
+    hidden, weight, _, _ = lm_head_inputs(device, 3, 50, 8, torch.float32, weight_grad=True)
+    kernels.k_token_cross_entropy(hidden, weight, torch.tensor([1, 2, 3], device=device)).backward()
+    kernels.kd_softmax_loss(hidden, weight, torch.randn(1, 3, 50, device=device)).backward()
+    x = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    kernels.rms_calibrate(x, 1.0).sum().backward()
     counts = kernels.triton_launch_counts()
     expected = ["_rms_partial_dot_kernel", "_rms_scale_fwd_kernel", "_rms_scale_bwd_kernel",
                 "_k_token_ce_online_kernel", "_k_token_ce_dlogits_kernel", "_kd_online_lse_kernel", "_kd_grad_kernel"]

@@ -2,21 +2,17 @@
 supervisor under ZeRO-3), the micro-batch-1 error, and rank-layout invariance of the losses."""
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_jsonl, run_cli, small_overrides
+from tests.conftest import deepspeed_cmd, read_jsonl, run_cli, small_overrides
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.slow
 
 
 def _ds_cmd(out, ds_config, steps, extra=()):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--deepspeed", ds_config, "--config", "configs/tiny.json",
-           "--output_dir", str(out)]
+    cmd = deepspeed_cmd(2) + ["launch/train.py", "--deepspeed", ds_config, "--config", "configs/tiny.json",
+                              "--output_dir", str(out)]
     for s in small_overrides(steps, ["eval.at_end=false", *extra]):
         cmd += ["--set", s]
     return cmd

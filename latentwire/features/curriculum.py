@@ -37,6 +37,19 @@ def keep_probability(cfg: Config, step: int) -> float:
     return _linear(cur.latent_keep_start, cur.latent_keep_end, cur.keep_ramp_steps, step)
 
 
+def slot_dropout(z: torch.Tensor, cfg: Config, step: int) -> torch.Tensor:
+    """Latent dropout of the step: z (B, M_total, d_z) with shared slots dropped (Bernoulli keep_probability, at
+    least one kept per example, kept slots rescaled by 1/keep). The mask comes from a generator seeded by
+    (train.seed, step) alone, so every rank drops the same slots."""
+    from latentwire.encoder import drop_shared_slots
+
+    keep = keep_probability(cfg, step)
+    if keep >= 1.0:
+        return z
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+    return drop_shared_slots(z, cfg.encoder.m_shared, keep, gen)
+
+
 def k_at(cfg: Config, step: int, state: dict | None = None) -> int:
     """Supervised answer tokens at `step`: losses.k_tokens unless curriculum.k_start is set.
 
@@ -123,6 +136,23 @@ def handoff_state(state: dict[str, torch.Tensor], m_old: int, m_new: int) -> dic
         else:
             out[key] = value.clone()
     return out
+
+
+def handoff_model(model, stage: int):
+    """The LatentWire of curriculum stage `stage`, built over the same receivers, starting from `model`'s trained
+    weights (resized by `handoff_state`). The trainer then builds a fresh optimizer over its trainable parameters."""
+    from latentwire.model import LatentWire
+
+    new_cfg = stage_config(model.cfg, stage)
+    state = handoff_state(model.trainable_state_dict(), model.cfg.encoder.m_shared, new_cfg.encoder.m_shared)
+    new = LatentWire(new_cfg, list(model.receivers.values()))
+    expected = set(new.trainable_state_dict())
+    if set(state) != expected:
+        raise ValueError(f"stage hand-off: trainable keys differ (missing {sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]})")
+    new.load_state_dict(state, strict=False)
+    new.curriculum_state = dict(model.curriculum_state)
+    return new
 
 
 def hard_negative_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

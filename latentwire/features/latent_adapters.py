@@ -53,8 +53,10 @@ class LatentCrossAttention(nn.Module):
 def attach(receiver, blocks: nn.ModuleDict) -> None:
     """Register one forward hook per block on its decoder layer; blocks are keyed by layer index (as strings)."""
     layers = receiver.decoder_layers()
-    for index, block in blocks.items():
-        layers[int(index)].register_forward_hook(_make_hook(receiver, block))
+    for handle in receiver.feature_hooks:  # a model rebuilt over the same receivers (stage hand-off) replaces them
+        handle.remove()
+    receiver.feature_hooks = [layers[int(index)].register_forward_hook(_make_hook(receiver, block))
+                              for index, block in blocks.items()]
 
 
 def _make_hook(receiver, block: LatentCrossAttention):

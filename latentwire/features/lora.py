@@ -30,6 +30,9 @@ def apply(receiver, ft: FeaturesConfig) -> None:
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
                         target_modules=list(ft.lora_targets), layers_to_transform=layers,
                         layers_pattern="layers" if layers else None, bias="none")
+    if _tuner_layers(receiver):  # already adapted: a model rebuilt over these receivers (stage hand-off) keeps them
+        set_enabled(receiver, False)
+        return
     try:
         inject_adapter_in_model(config, receiver.model)
     except ValueError as err:

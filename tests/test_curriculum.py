@@ -1,0 +1,163 @@
+"""Curriculum schedules (latentwire/features/curriculum.py): pure functions of the step, identical on every rank,
+and the staged-M hand-off that keeps trained weights."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from latentwire import config as C
+from latentwire import data as D
+from latentwire import features
+from latentwire.features import curriculum as CU
+from latentwire.model import LatentWire
+from latentwire.receivers import Receiver
+from tests.conftest import ROOT, run_cli, small_overrides
+
+SCHEDULE = ["curriculum.latent_keep_start=0.4", "curriculum.latent_keep_end=0.9", "curriculum.keep_ramp_steps=6",
+            "curriculum.k_start=1", "curriculum.k_ramp_steps=6", "curriculum.first_tok_weight_start=2.0",
+            "curriculum.first_tok_ramp_steps=4", "curriculum.text_warmup_steps=3"]
+
+
+def tiny_cfg(extra=None):
+    return C.load_config(ROOT / "configs" / "tiny.json", small_overrides(extra=extra or []))
+
+
+def test_schedules_ramp_as_documented():
+    cfg = tiny_cfg(SCHEDULE)
+    assert [CU.k_at(cfg, s) for s in (0, 3, 6, 50)] == [1, 2, 4, 4]  # 1 -> losses.k_tokens=4 over 6 steps
+    assert CU.keep_probability(cfg, 0) == pytest.approx(0.4) and CU.keep_probability(cfg, 99) == pytest.approx(0.9)
+    assert [CU.first_token_weight(cfg, s) for s in (0, 2, 4)] == pytest.approx([2.0, 1.0, 0.0])
+    assert [CU.text_blend(cfg, s) for s in (0, 3, 9)] == pytest.approx([1.0, 0.0, 0.0])
+    default = tiny_cfg()
+    assert CU.k_at(default, 0) == 4 and CU.keep_probability(default, 0) == 1.0
+    assert CU.first_token_weight(default, 0) == 0.0 and CU.text_blend(default, 0) == 0.0
+
+
+def test_accuracy_driven_k_advances_only_on_accurate_steps():
+    cfg = tiny_cfg(["curriculum.k_start=2", "curriculum.k_acc_threshold=0.5"])
+    state = {}
+    assert CU.k_at(cfg, 100, state) == 2  # the step alone does not move it
+    state = CU.advance_k(cfg, state, 0.4)
+    assert CU.k_at(cfg, 0, state) == 2
+    for _ in range(5):
+        state = CU.advance_k(cfg, state, 0.8)
+    assert CU.k_at(cfg, 0, state) == 4  # capped at losses.k_tokens
+
+
+def test_adaptive_k_masks_targets_at_batch_start(tiny_receivers):
+    cfg = tiny_cfg(["curriculum.k_start=1", "curriculum.k_ramp_steps=3"])
+    examples = D.read_file(str(D.EMBEDDED_SQUAD))[:2]
+    batch = D.collate(examples, {r.cfg.name: r.contract for r in tiny_receivers}, cfg.data.max_prompt_bytes, 4)
+    model = type("M", (), {"cfg": cfg, "curriculum_state": {}})()
+    values = features.on_batch_start(model, batch, 0)
+    assert values["curriculum/k"] == 1.0
+    for rb in batch["receivers"].values():
+        assert (rb["targets"][:, 1:] == -100).all() and (rb["targets"][:, 0] != -100).all()
+
+
+def test_hard_negative_weights_keep_the_loss_scale():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 50), torch.randn(6, 50)
+    targets = torch.randint(0, 50, (6,))
+    assert torch.allclose(CU.hard_negative_weights(student, teacher, targets, 0.0), torch.ones(6))
+    w = CU.hard_negative_weights(student, teacher, targets, 3.0)
+    assert w.mean() == pytest.approx(1.0) and w.shape == (6,)
+    easy = student.clone()
+    easy[0, targets[0]] = 50.0  # example 0 answered with certainty, teacher confident too
+    sharp = teacher.clone()
+    sharp[0, targets[0]] = 50.0
+    w = CU.hard_negative_weights(easy, sharp, targets, 3.0)
+    assert w[0] == w.min() and w.mean() == pytest.approx(1.0)
+
+
+def test_slot_dropout_keeps_one_slot_and_rescales():
+    cfg = tiny_cfg(["curriculum.latent_keep_start=0.25", "curriculum.latent_keep_end=0.25"])
+    z = torch.ones(16, cfg.encoder.m_shared + 2 * cfg.encoder.m_private, 3)
+    out = CU.slot_dropout(z, cfg, 5)
+    shared = out[:, :cfg.encoder.m_shared, 0]
+    assert ((shared == 0) | (shared == 4.0)).all() and (shared > 0).any(dim=1).all()
+    assert torch.equal(out[:, cfg.encoder.m_shared:], z[:, cfg.encoder.m_shared:])  # private slots untouched
+    assert torch.equal(out, CU.slot_dropout(z, cfg, 5)) and not torch.equal(out, CU.slot_dropout(z, cfg, 6))
+
+
+RANKS = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    from latentwire import config as C
+    from latentwire.features import curriculum as CU
+    rank, out = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method="file://" + out + ".rdv", rank=rank, world_size=2)
+    cfg = C.load_config("configs/tiny.json", sys.argv[3:])
+    z = torch.ones(4, cfg.encoder.m_shared + 2 * cfg.encoder.m_private, 2)
+    state, rows = {}, []
+    for step in range(10):
+        # Each rank sees its own first-token accuracy; the trainer all-reduces it before the curriculum reads it.
+        acc = torch.tensor([0.3 + 0.5 * rank if step % 2 else 0.9])
+        dist.all_reduce(acc)
+        state = CU.advance_k(cfg, state, float(acc) / 2)
+        rows.append([CU.keep_probability(cfg, step), CU.k_at(cfg, step, state), CU.first_token_weight(cfg, step),
+                     CU.text_blend(cfg, step), CU.stage_at(cfg, step), CU.slot_dropout(z, cfg, step).tolist()])
+    gathered = [None, None]
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        json.dump(gathered, open(out, "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_curriculum_is_identical_on_two_ranks(tmp_path):
+    import subprocess
+
+    out = str(tmp_path / "ranks.json")
+    sets = ["curriculum.latent_keep_start=0.5", "curriculum.keep_ramp_steps=8", "curriculum.k_start=1",
+            "curriculum.k_acc_threshold=0.6", "curriculum.first_tok_weight_start=1.0", "curriculum.first_tok_ramp_steps=5",
+            "curriculum.text_warmup_steps=4", "curriculum.m_stages=[8,6]", "curriculum.stage_steps=[5]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", RANKS, str(r), out, *sets], cwd=ROOT, env=env)
+             for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    rank0, rank1 = json.loads(open(out).read())
+    assert rank0 == rank1
+    assert [row[4] for row in rank0] == [0] * 5 + [1] * 5  # stage switches at step 5
+    assert len({json.dumps(row[5]) for row in rank0}) > 1  # the dropout mask changes with the step
+
+
+def test_stage_handoff_keeps_trained_weights(tiny_dir):
+    cfg = tiny_cfg(["curriculum.m_stages=[8,6,4]", "curriculum.stage_steps=[2,4]", "features.latent_adapters=true",
+                    "features.latent_adapter_dim=16"])
+    receivers = [Receiver.load(r, cfg.data.max_answer_tokens) for r in cfg.receivers]
+    torch.manual_seed(0)
+    model = LatentWire(cfg, receivers)
+    examples = D.read_file(str(D.EMBEDDED_SQUAD))[:2]
+    batch = D.collate(examples, {r.cfg.name: r.contract for r in receivers}, cfg.data.max_prompt_bytes, 4)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for step in range(2):
+        loss = model(batch, step)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert CU.stage_at(cfg, 2) == 1
+    old = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    new = CU.handoff_model(model, 1)
+    assert new.cfg.encoder.m_shared == 6 and new.encoder.n_slots == 6 + 2 * cfg.encoder.m_private
+    state = new.trainable_state_dict()
+    assert set(state) == set(old)
+    resized = {"encoder.pooler.queries", "adapters.llama.slot_pos", "adapters.qwen.slot_pos"}
+    for key in set(old) - resized:
+        assert torch.equal(state[key], old[key]), key
+    for key in resized:
+        before, after = old[key], state[key]
+        assert after.shape[0] == before.shape[0] - 2
+        assert torch.equal(after[0], before[0]) and torch.allclose(after[5], before[7])  # ends kept
+        assert torch.equal(after[6:], before[8:])  # private slots carried over
+    # The rebuilt model's hooks are the live ones: the new blocks fire, the old ones no longer do.
+    fired = {"old": 0, "new": 0}
+    model.feature_modules["latent_adapters"]["llama"]["1"].register_forward_hook(
+        lambda *a: fired.__setitem__("old", fired["old"] + 1))
+    new.feature_modules["latent_adapters"]["llama"]["1"].register_forward_hook(
+        lambda *a: fired.__setitem__("new", fired["new"] + 1))
+    new(batch, 2)
+    assert fired == {"old": 0, "new": 1}
