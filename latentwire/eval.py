@@ -16,8 +16,9 @@ Paths (what the frozen receiver reads before generating; `[anchor]` is e.g. "Ans
 Greedy decoding stops at EOS or `eval.max_new_tokens` only. Gold answers are used for scoring only (EM/F1 with the
 official SQuAD normalization, teacher-forced NLL of answer+EOS, first-token top-1/top-5), never as input. Results
 are also broken down per dataset (`by_source`). Latency times the prefill and each decode step separately
-(synchronized on GPU). `periodic_eval` / `update_best` are the pieces the training loop calls to keep
-`checkpoints/best`.
+(synchronized on GPU). Receiver-side features (`latentwire.features`) see the latent on the latent paths only.
+`periodic_eval` / `update_best` are the pieces the training loop calls to keep `checkpoints/best`; `write_outputs`
+writes metrics.json, predictions.jsonl, report.md and the plots. The full guide is docs/evaluation.md.
 
 Run it from a checkpoint: `python launch/eval.py --checkpoint DIR/checkpoints/latest --output_dir OUT`.
 """
@@ -217,7 +218,8 @@ def score_answers(receiver: Receiver, head, prefix_embeds: torch.Tensor, prefix_
 
 
 @torch.no_grad()
-def time_prefill_decode(receiver: Receiver, embeds: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[float, float]:
+def time_prefill_decode(receiver: Receiver, embeds: torch.Tensor, mask: torch.Tensor,
+                        steps: int) -> tuple[float, float]:
     """Milliseconds of one prefill over embeds (B, L, H) and the mean of `steps` greedy decode steps with the KV
     cache. Always exactly `steps` steps (no early EOS), so every ZeRO-3 rank runs the same forwards."""
     model = receiver.model
@@ -512,8 +514,9 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = 
     state = load_file(str(path / TRAINABLE_FILE))
     expected = set(model.trainable_state_dict())
     if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
         raise ValueError(f"{path / TRAINABLE_FILE}: keys differ from the model's trainable state "
-                         f"(missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+                         f"(missing {missing}, unexpected {unexpected})")
     model.load_state_dict(state, strict=False)
     model.eval()
     return cfg, model

@@ -57,8 +57,8 @@ def wire_table(result: dict) -> str:
     """Per precision: mean real payload bytes, the ideal slots*dim*bits/8, and the ratio to the text bytes."""
     w = result["wire"]
     ideal = w.get("latent_bytes_ideal", {})
-    lines = ["| precision | payload B (mean) | ideal B | payload / ideal | payload / text UTF-8 | payload / text zstd |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| precision | payload B (mean) | ideal B | payload / ideal | payload / text UTF-8 | "
+             "payload / text zstd |", "|---|---:|---:|---:|---:|---:|"]
     for p, b in w["latent_bytes"].items():
         ratio = f"{b / ideal[p]:.3f}" if ideal.get(p) else "-"
         lines.append(f"| {p} | {b:.0f} | {_fmt(ideal.get(p), '.0f')} | {ratio} | {b / w['text_bytes_utf8']:.3f} | "

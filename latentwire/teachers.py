@@ -23,9 +23,9 @@ KD target mixing (`LMHeadLoss.forward`): the dense teachers (the receiver readin
 
 The offline cache (written by `launch/cache_teacher.py`) holds, per training example id, the teacher's top-k token
 ids (K, top_k) int64 and tempered log-probs log_softmax(z / tau) (K, top_k) fp32 at the K answer positions, the
-number of supervised rows (`valid`) and the sha256 of the teacher's input ids, in `shard_<rank>.safetensors`
-files named by `manifest.json`. Training validates the manifest against the config and the receiver's tokenizer
-(a mismatch names the field) and every looked-up example against its batch row.
+number of those positions inside the answer (`valid`) and the sha256 of the teacher's input ids, in
+`shard_<rank>.safetensors` files named by `manifest.json`. Training validates the manifest against the config and
+the receiver's tokenizer (a mismatch names the field) and every looked-up example against its batch row.
 """
 
 from __future__ import annotations
@@ -171,12 +171,17 @@ class LiveTeacher:
 
     def param_bytes(self) -> tuple[int, int]:
         """(total bytes of the teacher's parameters, bytes resident on this rank: its partition under ZeRO-3)."""
-        total = resident = 0
-        for p in self.forward.parameters():
-            size = p.element_size()
-            total += (p.ds_numel if is_partitioned(p) else p.numel()) * size
-            resident += (p.ds_tensor.numel() if is_partitioned(p) else p.numel()) * size
-        return total, resident
+        return param_bytes(self.forward)
+
+
+def param_bytes(module: nn.Module) -> tuple[int, int]:
+    """(total parameter bytes of `module`, bytes resident on this rank: the partition under ZeRO-3)."""
+    total = resident = 0
+    for p in module.parameters():
+        size = p.element_size()
+        total += (p.ds_numel if is_partitioned(p) else p.numel()) * size
+        resident += (p.ds_tensor.numel() if is_partitioned(p) else p.numel()) * size
+    return total, resident
 
 
 def teacher_ds_config(ds_config: dict) -> dict:
@@ -222,14 +227,22 @@ def build_teacher_forward(path: str, dtype: str, vocab: int, n_tokens: int, infe
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{where}: {err}") from None
     forward = TeacherForward(model, vocab, n_tokens, where)
+    engine = None
     if inference_ds is None:
         if torch.cuda.is_available():
             forward.to(torch.device("cuda", torch.cuda.current_device()))
-        return forward, None
-    import deepspeed
+    else:
+        import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=forward, config=inference_ds)
-    engine.eval()
+        engine, _, _, _ = deepspeed.initialize(model=forward, config=inference_ds)
+        engine.eval()
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        total, resident = param_bytes(forward)
+        how = "ZeRO-3 inference engine" if engine is not None else "replicated"
+        print(f"teacher {path} ({where}): {how}, {resident} of {total} parameter bytes resident on rank 0",
+              flush=True)
     return forward, engine
 
 
@@ -242,15 +255,7 @@ def build_live_teacher(receiver: Receiver, teacher: TeacherConfig, ds_config: di
     inference = teacher_ds_config(ds_config) if zero_stage(ds_config) == 3 else None
     forward, engine = build_teacher_forward(teacher.path, receiver.cfg.dtype, vocab, len(tokenizer), inference,
                                             where)
-    live = LiveTeacher(teacher.path, teacher.weight, forward, engine)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        total, resident = live.param_bytes()
-        how = "ZeRO-3 inference engine" if engine is not None else "replicated"
-        print(f"live teacher {teacher.path} for receiver {receiver.cfg.name}: {how}, {resident} of {total} "
-              "parameter bytes resident on rank 0", flush=True)
-    return live
+    return LiveTeacher(teacher.path, teacher.weight, forward, engine)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,9 +307,10 @@ def cache_entries(example_ids: list[str], rb: dict, logits: torch.Tensor, top_k:
 def cache_manifest(cfg: Config, receiver_name: str, contract, teacher_path: str, teacher_tokenizer, vocab: int,
                    top_k: int, n_examples: int, shards: list[dict]) -> dict:
     """Everything a training run checks before it trusts the cache (see `expected_manifest`)."""
-    return {"format": CACHE_FORMAT, "teacher": teacher_path, "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer),
-            "receiver": receiver_name, **expected_manifest(cfg, contract, vocab), "top_k": int(top_k),
-            "n_examples": int(n_examples), "shards": shards,
+    return {"format": CACHE_FORMAT, "teacher": teacher_path,
+            "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "receiver": receiver_name,
+            **expected_manifest(cfg, contract, vocab), "top_k": int(top_k), "n_examples": int(n_examples),
+            "shards": shards,
             "data": {"train_files": list(cfg.data.train_files), "format": cfg.data.format, "seed": cfg.data.seed,
                      "eval_fraction": cfg.data.eval_fraction, "max_train_examples": cfg.data.max_train_examples}}
 

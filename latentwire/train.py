@@ -125,7 +125,6 @@ def _resolved_config_matches(out: Path, cfg: config_lib.Config, allow_change: bo
 def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_change: bool = False) -> Run:
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)
-    out.mkdir(parents=True, exist_ok=True)
     _resolved_config_matches(out, cfg, allow_config_change)
     train_examples, eval_examples = data_lib.load_splits(cfg.data)
     cuda = torch.cuda.is_available()
@@ -147,6 +146,8 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
 
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
+
+    out.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
                                            config=ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
@@ -348,9 +349,13 @@ def save_checkpoint(run: Run, step: int) -> Path:
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name.split("_")[1].isdigit())
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep` step checkpoints, and always the one checkpoints/best points at."""
+    from latentwire.eval import best_checkpoint
+
+    best = best_checkpoint(root)
+    for path in complete_checkpoints(root)[keep:]:
+        if path.resolve() != best:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -475,6 +480,19 @@ def install_step_guard(run: Run) -> None:
         return original(*args, **kwargs)
 
     opt.step = guarded_step
+
+
+def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict) -> None:
+    """Point checkpoints/best at this step when its held-out metric beats the best so far (all ranks agree,
+    and all have read best.json before rank 0 rewrites it)."""
+    from latentwire.eval import is_better, read_best, update_best
+
+    root = run.out / "checkpoints"
+    if any_rank(is_better(eval_out["value"], read_best(root), eval_out["metric"])):
+        saved = saved or save_checkpoint(run, step)
+        if run.is_main:
+            update_best(root, saved, eval_out["value"], eval_out["metric"])
+        barrier()
 
 
 class NonFiniteError(RuntimeError):
@@ -616,6 +634,13 @@ def train(run: Run) -> None:
                "skipped": skipped, "skipped_steps": run.engine.skipped_steps, "lr": run.engine.get_lr()[0],
                "grad_norm": finite(_grad_norm(run.engine)), "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
                "global_batch": global_batch, "oom_events": run.oom_events, "examples_per_s": global_batch / elapsed}
+        eval_out = None
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            from latentwire.eval import periodic_eval
+
+            synced = run.world > 1 and zero_stage(run.ds_config) == 3
+            eval_out = periodic_eval(run.model, run.eval_examples, step + 1, synced=synced)
+            row.update(eval_out["log"])
         if run.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -629,8 +654,11 @@ def train(run: Run) -> None:
                                  f"or gradient and were skipped; stopping (train.max_consecutive_bad_steps="
                                  f"{tr.max_consecutive_bad_steps}). The last good weights are in checkpoints/step_{step}.")
         requeue = any_rank(run.requeue_requested)
+        saved = None
         if step % tr.save_every == 0 or step == tr.max_steps or requeue:
-            save_checkpoint(run, step)
+            saved = save_checkpoint(run, step)
+        if eval_out is not None:
+            keep_best(run, step, saved, eval_out)
         if requeue and step < tr.max_steps:
             from launch.exit_codes import REQUEUE_EXIT_CODE
 
@@ -652,17 +680,12 @@ def _grad_norm(engine) -> float | None:
 
 def evaluate_run(run: Run) -> dict | None:
     """Evaluate the in-memory model on the held-out split; every rank runs the same work, rank 0 writes."""
-    from latentwire.eval import evaluate, format_table
+    from latentwire.eval import evaluate, format_table, write_outputs
 
     synced = run.world > 1 and zero_stage(run.ds_config) == 3
     result, rows = evaluate(run.model, run.eval_examples, synced=synced, features=active_features(run.cfg))
     if run.is_main:
-        out = run.out / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        with open(out / "predictions.jsonl", "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        write_outputs(result, rows, run.out / "eval", run.out / "metrics.jsonl")
         print(format_table(result), flush=True)
     barrier()
     return result

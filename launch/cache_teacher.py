@@ -2,7 +2,8 @@
 
     python launch/cache_teacher.py --config configs/tiny.json --teacher PATH --out DIR [--top_k 64] \
         [--receiver NAME] [--batch_size 8] [--set key=value ...]
-    deepspeed --num_gpus 8 launch/cache_teacher.py --config C --teacher PATH --out DIR [--deepspeed ds_configs/zero3.json]
+    deepspeed --num_gpus 8 launch/cache_teacher.py --config C --teacher PATH --out DIR \
+        [--deepspeed ds_configs/zero3.json]
     torchrun --nproc_per_node 8 launch/cache_teacher.py --config C --teacher PATH --out DIR
 
 The teacher reads each training example (`data.load_splits(cfg.data)[0]`) exactly as the receiver's text teacher
@@ -14,7 +15,8 @@ Rank 0 writes DIR/manifest.json last, after every shard is complete. With a ZeRO
 teacher is partitioned over the ranks (every rank then runs the same number of forwards).
 
 Train with it: --set receivers.0.teachers.0.cache=DIR (the same losses.k_tokens, kd_temperature and data
-settings; the run checks the manifest and names any field that differs).
+settings; the run checks the manifest and names any field that differs). In-process (one rank, no process group):
+`build_cache(cfg, teacher, out, top_k=...)`.
 """
 
 from __future__ import annotations
@@ -188,8 +190,14 @@ def main(argv=None) -> int:
 
     setup_environment()  # before deepspeed is imported anywhere
     rank, world = init_distributed()
-    build_cache(cfg, args.teacher, Path(args.out), args.top_k, args.receiver, args.batch_size, args.deepspeed,
-                rank, world)
+    from latentwire.teachers import TeacherError
+
+    try:
+        build_cache(cfg, args.teacher, Path(args.out), args.top_k, args.receiver, args.batch_size, args.deepspeed,
+                    rank, world)
+    except (TeacherError, config_lib.ConfigError) as err:  # every rank reaches the same verdict
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -61,9 +61,17 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(cfg, args.deepspeed)
         return 0
+    from latentwire.data import DataError
+    from latentwire.distributed import DSConfigError
+    from latentwire.receivers import ContractError
     from latentwire.train import main as train_main
 
-    train_main(cfg, Path(args.output_dir), args.deepspeed, args.allow_config_change)
+    try:
+        train_main(cfg, Path(args.output_dir), args.deepspeed, args.allow_config_change)
+    except (config_lib.ConfigError, DataError, DSConfigError, ContractError, FileNotFoundError) as err:
+        # Bad input: one clear line naming the culprit, no traceback, nothing written over a good run.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

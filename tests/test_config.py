@@ -28,7 +28,9 @@ def test_overrides_types_and_list_index():
 
 
 def test_feature_toggles_default_off():
-    assert not any(C.to_dict(C.FeaturesConfig()).values())
+    toggles = {k: v for k, v in C.to_dict(C.FeaturesConfig()).items() if isinstance(v, bool)}
+    assert set(toggles) == {"lora", "deep_prefix", "latent_adapters", "coprocessor"}
+    assert not any(toggles.values())
 
 
 def test_unknown_key_suggests_closest():

@@ -15,7 +15,7 @@ from latentwire import features
 from latentwire.features import curriculum as CU
 from latentwire.model import LatentWire
 from latentwire.receivers import Receiver
-from tests.conftest import ROOT, run_cli, small_overrides
+from tests.conftest import ROOT, small_overrides
 
 SCHEDULE = ["curriculum.latent_keep_start=0.4", "curriculum.latent_keep_end=0.9", "curriculum.keep_ramp_steps=6",
             "curriculum.k_start=1", "curriculum.k_ramp_steps=6", "curriculum.first_tok_weight_start=2.0",
@@ -113,7 +113,8 @@ def test_curriculum_is_identical_on_two_ranks(tmp_path):
 
     out = str(tmp_path / "ranks.json")
     sets = ["curriculum.latent_keep_start=0.5", "curriculum.keep_ramp_steps=8", "curriculum.k_start=1",
-            "curriculum.k_acc_threshold=0.6", "curriculum.first_tok_weight_start=1.0", "curriculum.first_tok_ramp_steps=5",
+            "curriculum.k_acc_threshold=0.6", "curriculum.first_tok_weight_start=1.0",
+            "curriculum.first_tok_ramp_steps=5",
             "curriculum.text_warmup_steps=4", "curriculum.m_stages=[8,6]", "curriculum.stage_steps=[5]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", RANKS, str(r), out, *sets], cwd=ROOT, env=env)

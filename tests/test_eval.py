@@ -255,3 +255,23 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
                                                     "report.md", "training_curves.png"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions"} for r in rows)
+
+
+TRAIN_CALLS_PERIODIC_EVAL = "periodic_eval" in (ROOT / "latentwire" / "train.py").read_text()
+
+
+@pytest.mark.skipif(not TRAIN_CALLS_PERIODIC_EVAL, reason="latentwire/train.py does not call eval.periodic_eval yet")
+def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):
+    from tests.conftest import read_jsonl, train_cmd
+
+    out = tmp_path / "run"
+    run_cli(train_cmd(out, steps=4, extra=["eval.every=1", "eval.periodic_examples=2", "train.keep_last=1",
+                                           "eval.best_metric=latent_nll_mean", "eval.at_end=false"]))
+    values = [r["eval/latent_nll_mean"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(values) == 4
+    root = out / "checkpoints"
+    best = E.read_best(root)
+    assert best["value"] == min(values) and best["step"] == values.index(min(values)) + 1
+    assert os.readlink(root / "best") == f"step_{best['step']}"
+    assert (root / "best" / "trainable.safetensors").is_file()  # pruning (keep_last=1) spared it
+    assert os.readlink(root / "latest") == "step_4"

@@ -462,5 +462,5 @@ def test_real_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     text = read(log)
     assert "SIGUSR1: checkpointed step" in text and "requeueing job" in text, text[-3000:]
     assert "restart count 1" in text  # the requeued job ran the same command ...
-    assert metrics_steps(run_dir) == list(range(1, 13))  # ... resumed after the checkpoint and finished
+    assert metrics_steps(run_dir) == list(range(1, 13)), text[-3000:]  # ... resumed after the checkpoint, finished
     assert (run_dir / "checkpoints" / "latest").exists()

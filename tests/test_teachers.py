@@ -135,10 +135,11 @@ def test_kd_mixes_dense_teachers_as_one_mixture_and_cached_teachers_by_weight():
 def test_teacher_vocabulary_is_fitted_to_the_receiver():
     head = nn.Linear(4, 12, bias=False)
     hidden = torch.randn(2, 3, 4)
-    full = hidden @ head.weight.t()
-    assert torch.equal(TeacherLogits(head, 10, 10, "t")(hidden), full[..., :10])  # padding rows dropped
+    full = (hidden @ head.weight.t()).detach()
+    torch.testing.assert_close(TeacherLogits(head, 10, 10, "t")(hidden), full[..., :10])  # padding rows dropped
     padded = TeacherLogits(head, 14, 11, "t")(hidden)  # the receiver has more padding rows than the teacher
-    assert torch.equal(padded[..., :12], full) and bool((padded[..., 12:] == float("-inf")).all())
+    assert padded.shape == (2, 3, 14) and bool((padded[..., 12:] == float("-inf")).all())
+    torch.testing.assert_close(padded[..., :12], full)
     with pytest.raises(TeacherError, match="12 rows, fewer than the 13 tokens"):
         TeacherLogits(head, 14, 13, "t")
 
@@ -164,15 +165,25 @@ def test_missing_or_changed_example_is_an_error_naming_the_id(cache_dir, tiny_re
         teacher.lookup(batch["ids"], batch["receivers"]["llama"])
 
 
+def _partition(stdout: str) -> tuple[int, int]:
+    """(resident, total) parameter bytes of the ZeRO-3 teacher on rank 0, from its log line."""
+    found = re.search(r"ZeRO-3 inference engine, (\d+) of (\d+) parameter bytes", stdout)
+    assert found, stdout[-3000:]
+    return int(found.group(1)), int(found.group(2))
+
+
 @pytest.mark.slow
 def test_two_rank_cache_and_zero3_live_teacher_give_the_same_kd(tmp_path, tiny_dir, teacher_dir):
-    """deepspeed on 2 CPU ranks: cache the teacher (ranks share the data), train 2 steps with the cache, and
-    2 steps with the teacher live in its own ZeRO-3 inference engine; step 1 sees the same KD loss."""
+    """deepspeed on 2 CPU ranks: cache the teacher (ranks split the data; the teacher ZeRO-3-partitioned), train
+    2 steps with the cache, and 2 steps with the teacher live in its own ZeRO-3 inference engine: same KD loss."""
     sets = small_overrides(2, SETS + ["eval.at_end=false"])
     cache = tmp_path / "cache"
     cmd = deepspeed_cmd(2) + ["launch/cache_teacher.py", "--config", "configs/tiny.json", "--teacher",
-                              str(teacher_dir), "--out", str(cache), "--top_k", str(ALL_IDS)]
-    run_cli(cmd + [a for s in sets for a in ("--set", s)], timeout=900)
+                              str(teacher_dir), "--out", str(cache), "--top_k", str(ALL_IDS), "--batch_size", "3",
+                              "--deepspeed", "ds_configs/zero3.json"]
+    proc = run_cli(cmd + [a for s in sets for a in ("--set", s)], timeout=900)
+    resident, total = _partition(proc.stdout)
+    assert 0 < resident <= 0.6 * total
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [s["n_examples"] for s in manifest["shards"]] == [8, 8] and manifest["n_examples"] == 16
 
@@ -190,7 +201,7 @@ def test_two_rank_cache_and_zero3_live_teacher_give_the_same_kd(tmp_path, tiny_d
     assert abs(live_rows[0]["kd/llama"] - cached_rows[0]["kd/llama"]) < 1e-5
     assert abs(live_rows[1]["kd/llama"] - cached_rows[1]["kd/llama"]) < 1e-4
     # The live teacher was partitioned over the two ranks, and it is not part of the trained engine.
-    resident, total = map(int, re.search(r"ZeRO-3 inference engine, (\d+) of (\d+) parameter bytes", live_out).groups())
+    resident, total = _partition(live_out)
     assert 0 < resident <= 0.6 * total
     assert live_info["frozen_bytes_total"] == cached_info["frozen_bytes_total"]
     assert live_info["trainable_params"] == cached_info["trainable_params"]

@@ -17,8 +17,11 @@ import torch
 import torch.nn as nn
 
 
-def split_kv(flat: torch.Tensor, n_layers: int, kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """flat (B, P, n_layers * 2 * kv_heads * head_dim) -> [(keys, values)] per layer, each (B, kv_heads, P, head_dim)."""
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # [(keys, values)] per layer, each (B, KV heads, P, head dim)
+
+
+def split_kv(flat: torch.Tensor, n_layers: int, kv_heads: int, head_dim: int) -> KV:
+    """flat (B, P, n_layers * 2 * kv_heads * head_dim) -> [(keys, values)] per layer, each (B, kv_heads, P, hd)."""
     b, p, _ = flat.shape
     kv = flat.view(b, p, n_layers, 2, kv_heads, head_dim).permute(2, 3, 0, 4, 1, 5)  # (L, 2, B, kv_heads, P, hd)
     return [(kv[i, 0], kv[i, 1]) for i in range(n_layers)]
@@ -33,7 +36,7 @@ class DeepPrefix(nn.Module):
         self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
                                  nn.Linear(width, n_layers * 2 * kv_heads * head_dim))
 
-    def forward(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, prefix: torch.Tensor) -> KV:
         return split_kv(self.net(prefix.float()), *self.geometry)
 
 
@@ -50,6 +53,6 @@ class Coprocessor(nn.Module):
         self.net = nn.Sequential(nn.LayerNorm(d_z), nn.Linear(d_z, width), nn.GELU(),
                                  nn.Linear(width, n_entries * n_layers * 2 * kv_heads * head_dim))
 
-    def forward(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, slots: torch.Tensor) -> KV:
         flat = self.net(slots.float().mean(dim=1))  # (B, n_entries * L * 2 * kv_heads * hd)
         return split_kv(flat.view(slots.shape[0], self.n_entries, -1), *self.geometry)
