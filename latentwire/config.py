@@ -380,6 +380,7 @@ def validate(cfg: Config) -> None:
     _check_positive("losses.kd_temperature", cfg.losses.kd_temperature)
     _check_positive("losses.ce_weight", cfg.losses.ce_weight, allow_zero=True)
     _check_positive("losses.kd_weight", cfg.losses.kd_weight, allow_zero=True)
+    _check_positive("losses.text_teacher_weight", cfg.losses.text_teacher_weight, allow_zero=True)
     for key in ("latent_keep_start", "latent_keep_end"):
         value = getattr(cfg.curriculum, key)
         if not 0.0 < value <= 1.0:

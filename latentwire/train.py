@@ -143,6 +143,9 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
     if cuda:
         model.encoder.cuda()
         model.adapters.cuda()
+    from latentwire.teachers import load_teachers
+
+    model.attach_teachers(load_teachers(cfg, receivers, ds_config))  # not submodules: no optimizer state, no checkpoint
 
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR

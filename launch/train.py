@@ -64,11 +64,12 @@ def main(argv=None) -> int:
     from latentwire.data import DataError
     from latentwire.distributed import DSConfigError
     from latentwire.receivers import ContractError
+    from latentwire.teachers import TeacherError
     from latentwire.train import main as train_main
 
     try:
         train_main(cfg, Path(args.output_dir), args.deepspeed, args.allow_config_change)
-    except (config_lib.ConfigError, DataError, DSConfigError, ContractError, FileNotFoundError) as err:
+    except (config_lib.ConfigError, DataError, DSConfigError, ContractError, TeacherError, FileNotFoundError) as err:
         # Bad input: one clear line naming the culprit, no traceback, nothing written over a good run.
         print(f"error: {err}", file=sys.stderr)
         return 2
