@@ -79,6 +79,12 @@ def _dispatch(op: str, tensor: torch.Tensor) -> str:
     return backend
 
 
+def _detach_when_no_grad(*tensors):
+    """The loss Functions form gradients during their forward pass when inputs require grad; under
+    torch.no_grad() (evaluation) ctx.needs_input_grad still says True, so hand them detached inputs instead."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
+
+
 def rms_calibrate(x: torch.Tensor, target_rms, eps: float = 1e-6) -> torch.Tensor:
     """Per example b of x (B, M, D): y_b = x_b * target_rms / sqrt(mean(x_b ** 2) + eps), the mean over all M*D
     entries. target_rms (float or 0-d tensor) is a constant. Output has x's dtype; statistics are fp32."""
@@ -92,6 +98,7 @@ def k_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden (N, H) student hidden states at the supervised positions, weight (V, H) the LM head (usually frozen),
     targets (N,) int64. reduction "mean" (over non-ignored rows; all ignored gives 0 and zero gradients), "sum",
     or "none" (N,) with 0 at ignored rows. The loss is fp32 (fp64 for fp64 inputs)."""
+    hidden, weight = _detach_when_no_grad(hidden, weight)
     return KTokenCEFunction.apply(hidden, weight, targets, ignore_index, reduction,
                                   _dispatch("k_token_ce", hidden))
 
@@ -104,6 +111,7 @@ def kd_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: 
     (T, N, V), no gradient, p_bar = sum_t w_t softmax(teacher_logits[t] / tau) with teacher_weights w (T,)
     normalized to sum 1 (uniform if None). mask (N,) bool, None keeps every row; all masked out gives 0 and zero
     gradients. Gradients reach hidden (and weight when it requires grad). fp32 scalar (fp64 for fp64 inputs)."""
+    hidden, weight = _detach_when_no_grad(hidden, weight)
     return KDSoftmaxFunction.apply(hidden, weight, teacher_logits, temperature, teacher_weights, mask,
                                    _dispatch("kd_softmax", hidden))
 
@@ -115,6 +123,7 @@ def kd_topk_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Ten
     mass outside the ids. Same tau^2 scaling and mask rules as kd_softmax_loss; with k = V it equals it (T = 1).
     PyTorch only (chunked, never the full logits)."""
     _last_backend["kd_topk"] = "reference"
+    hidden, weight = _detach_when_no_grad(hidden, weight)
     return KDTopKFunction.apply(hidden, weight, topk_ids, topk_logprobs, temperature, mask)
 
 

@@ -197,6 +197,12 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def _max_rss_kb() -> float:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -225,10 +231,8 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base_bytes = torch.cuda.memory_allocated()
     else:
-        base_kb = _read_status_kb("VmRSS")
-        if not _reset_peak_rss():  # fall back to the process high-water mark (includes import spikes)
-            import resource
-            base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm_reset = _reset_peak_rss()
+        base_kb = _read_status_kb("VmRSS") if hwm_reset else _max_rss_kb()  # fallback: growth over the old peak
 
     times_ms = []
     reps = spec["reps"]
@@ -254,10 +258,7 @@ def run_worker(spec: dict) -> dict:
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20
     else:
-        peak_kb = _read_status_kb("VmHWM")
-        if peak_kb is None:
-            import resource
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kb = _read_status_kb("VmHWM") if hwm_reset else _max_rss_kb()
         peak_mb = (peak_kb - base_kb) / 1024
     backend = None
     if provider == "latentwire":

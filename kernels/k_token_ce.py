@@ -284,6 +284,8 @@ def k_token_ce_reference(hidden, weight, targets, ignore_index=-100, reduction="
     """The chunked PyTorch implementation (same algorithm as the Triton path, never the full logits).
 
     hidden (N, H) student hidden states, weight (V, H) LM head, targets (N,) int64."""
+    if not torch.is_grad_enabled():  # skip the gradient work of the forward pass (see kernels/__init__.py)
+        hidden, weight = hidden.detach(), weight.detach()
     return KTokenCEFunction.apply(hidden, weight, targets, ignore_index, reduction, "reference")
 
 

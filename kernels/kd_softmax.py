@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._lm_head import mm_fp32, operand_dtype, stat_dtype, vocab_chunk_cols
+from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, mm_fp32, operand_dtype, stat_dtype,
+                              vocab_chunk_cols)
 from kernels._triton_compat import launch, next_power_of_2, tl, triton
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def _grad_step(logits, teacher_chunk, rows, lse, teacher_w, kl, inv_tau, tau, ou
     p_bar = torch.zeros_like(log_q)
     for t in range(teacher_chunk.shape[0]):
         z = teacher_chunk[t].index_select(0, rows).to(log_q.dtype)
-        p_bar.add_(torch.exp(z.mul_(inv_tau).sub_(lse[t + 1][:, None])), alpha=float(teacher_w[t]))
+        p_bar.add_(z.mul_(inv_tau).sub_(lse[t + 1][:, None]).exp_().mul_(teacher_w[t]))
     kl.add_((torch.special.xlogy(p_bar, p_bar) - p_bar * log_q).sum(dim=1))
     return (log_q.exp_().sub_(p_bar).mul_(tau)).to(out_dtype) if want_grad else None
 
@@ -191,10 +192,15 @@ def kd_softmax_forward(hidden, weight, teacher_logits, rows, teacher_w, temperat
     inv_tau, tau = 1.0 / temperature, float(temperature)
     cols = vocab_chunk_cols(n_rows, vocab)
 
+    buffer = chunk_buffer(n_rows, cols, stat, hidden.device)
+
+    def chunk_logits(w_chunk):
+        return mm_fp32(h_op, w_chunk.t(), out=chunk_view(buffer, n_rows, w_chunk.shape[0]))
+
     m = torch.full((1 + n_teachers, n_rows), float("-inf"), dtype=stat, device=hidden.device)
     s = torch.zeros_like(m)
     for v0 in range(0, vocab, cols):
-        logits = mm_fp32(h_op, weight[v0:v0 + cols].t())
+        logits = chunk_logits(weight[v0:v0 + cols])
         _lse_step(logits, teacher_logits[:, :, v0:v0 + cols], rows, m, s, inv_tau, backend)
     lse = (m + torch.log(s)).contiguous()
 
@@ -204,11 +210,11 @@ def kd_softmax_forward(hidden, weight, teacher_logits, rows, teacher_w, temperat
     dweight = torch.empty(vocab, width, dtype=stat, device=hidden.device) if need_dweight else None
     for v0 in range(0, vocab, cols):
         w_chunk = weight[v0:v0 + cols]
-        logits = mm_fp32(h_op, w_chunk.t())
+        logits = chunk_logits(w_chunk)
         grad = _grad_step(logits, teacher_logits[:, :, v0:v0 + cols], rows, lse, teacher_w, kl, inv_tau, tau,
                           op_dtype, want_grad, backend)
         if need_dhidden:
-            dhidden.add_(mm_fp32(grad, w_chunk.to(op_dtype)))
+            addmm_fp32_(dhidden, grad, w_chunk.to(op_dtype))
         if need_dweight:
             dweight[v0:v0 + cols] = mm_fp32(grad.t(), h_op)
     return kl, dhidden, dweight
@@ -302,6 +308,8 @@ def kd_softmax_reference(hidden, weight, teacher_logits, temperature=1.0, teache
     """The chunked PyTorch implementation of kd_softmax_loss (never the full logits).
 
     hidden (N, H) student, weight (V, H) its LM head, teacher_logits (T, N, V) teachers, mask (N,) bool."""
+    if not torch.is_grad_enabled():  # skip the gradient work of the forward pass (see kernels/__init__.py)
+        hidden, weight = hidden.detach(), weight.detach()
     return KDSoftmaxFunction.apply(hidden, weight, teacher_logits, temperature, teacher_weights, mask, "reference")
 
 
@@ -427,6 +435,8 @@ class KDTopKFunction(torch.autograd.Function):
 
 def kd_topk_reference(hidden, weight, topk_ids, topk_logprobs, temperature=1.0, mask=None):
     """Sparse KD against an offline top-k cache; topk_ids (N, k) int64, topk_logprobs (N, k) tempered log-probs."""
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()
     return KDTopKFunction.apply(hidden, weight, topk_ids, topk_logprobs, temperature, mask)
 
 

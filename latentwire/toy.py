@@ -4,8 +4,8 @@ No pretrained LLM can be downloaded here and random tiny receivers answer nothin
 that two ~0.5M-parameter receivers can learn from scratch on a CPU (`launch/pretrain_toy.py`) and that
 LatentWire then has to carry through its latent (`launch/toy_benchmark.sh`). One example:
 
-    Context: Ada Hart keeps the owl. Gus Vale keeps the fig. ... (n facts)
-    Question: What does Gus Vale keep?
+    Context: Ada Hart: owl. Gus Vale: fig. ... (n facts)
+    Question: What does Gus Vale have?
     Answer: fig
 
 - The answer is a one-word span copied from the context; values are drawn per example, without replacement, so
@@ -43,8 +43,8 @@ VALUES = ("owl", "fox", "elk", "yak", "ape", "bat", "bee", "cow", "eel", "emu", 
           "gnu", "fig", "oat", "nut", "egg", "jam", "tea", "ham", "bun", "yam", "pea", "rye", "cup", "mug", "pen",
           "hat", "key")
 MAX_FACTS = 8
-FACT = "{first} {last} keeps the {value}."
-QUESTION = "What does {first} {last} keep?"
+FACT = "{first} {last}: {value}."
+QUESTION = "What does {first} {last} have?"
 SPLIT_SEED = 1234  # fixed: the person split is part of the world, not of a run
 EVAL_PEOPLE_FRACTION = 0.25
 

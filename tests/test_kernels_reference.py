@@ -199,6 +199,29 @@ def test_k_token_ce_never_materializes_full_logits(monkeypatch):
     assert eager.largest >= n_rows * vocab  # the probe does see full logits when they exist
 
 
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_k_token_ce_forward_does_gradient_work_only_when_needed(monkeypatch):
+    """With grad: two GEMMs per vocabulary chunk (logits, then A += e W); under no_grad or a non-grad hidden: one."""
+    monkeypatch.setattr(_lm_head, "CHUNK_BYTES", 4 * 8 * 256)
+    hidden, weight, _, _ = lm_head_inputs(8, 1024, 16, torch.float32)  # 4 chunks
+    targets = torch.arange(8)
+    counts = []
+    for grad_mode, h in ((True, hidden), (False, hidden), (True, hidden.detach())):
+        with torch.set_grad_enabled(grad_mode), _CountMatmuls() as probe:
+            kernels.k_token_cross_entropy(h, weight, targets)
+        counts.append(probe.count)
+    assert counts == [8, 4, 4]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kd_softmax_loss and kd_topk_loss
 # ---------------------------------------------------------------------------------------------------------------
