@@ -27,6 +27,8 @@ import torch
 
 from latentwire import config as config_lib
 from latentwire import data as data_lib
+from latentwire import features
+from latentwire.features import curriculum
 from latentwire.distributed import (all_reduce_mean, barrier, build_ds_config, init_distributed, read_ds_config,
                                     zero_stage)
 from latentwire.model import LatentWire
@@ -85,6 +87,60 @@ def lr_lambda(cfg: config_lib.Config):
     return fn
 
 
+def build_engine(model: LatentWire, ds_config: dict, cfg: config_lib.Config, step_offset: int = 0):
+    """The DeepSpeed engine over `model`: only trainable parameters (grouped per feature) reach AdamW; the LR
+    schedule continues from `step_offset` (the first step of the current latent-length stage)."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    fn = lr_lambda(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=features.optimizer_groups(model),
+                                           config=ds_config,
+                                           lr_scheduler=lambda opt: LambdaLR(opt, lambda s: fn(s + step_offset)))
+    return engine
+
+
+def _stage_start(cfg: config_lib.Config, stage: int) -> int:
+    return ([0] + list(cfg.curriculum.stage_steps))[stage]
+
+
+def _resume_stage(cfg: config_lib.Config, out: Path, ds_config: dict) -> int:
+    """The latent-length stage the run resumes in (0 for a new run or without staged M)."""
+    if not cfg.curriculum.m_stages:
+        return 0
+    if zero_stage(ds_config) == 3:
+        raise config_lib.ConfigError("curriculum.m_stages: the staged-M hand-off rebuilds the engine in process, "
+                                     "which ZeRO-3 (partitioned receivers) does not support; use ZeRO-2 or one stage")
+    path = find_resumable(out, log=lambda *_: None)
+    if path is None:
+        return 0
+    # The checkpoint records the stage its weights belong to (a run stopped right at a boundary has not handed
+    # off yet; the loop does that next).
+    step = json.loads((path / "trainer_state.json").read_text())["step"]
+    m_saved = json.loads((path / "config.json").read_text())["encoder"]["m_shared"]
+    stages = [i for i, m in enumerate(cfg.curriculum.m_stages) if m == m_saved and i <= curriculum.stage_at(cfg, step)]
+    if not stages:
+        raise config_lib.ConfigError(f"{path}: its m_shared {m_saved} is not a stage of curriculum.m_stages "
+                                     f"{cfg.curriculum.m_stages} at step {step}")
+    return stages[-1]
+
+
+def hand_off(run: Run, step: int, stage: int) -> None:
+    """Move to the next latent-length stage: trained weights carried over (shared-slot tables resized, see
+    curriculum.handoff_state), optimizer and scheduler rebuilt, then a checkpoint of the new stage's start."""
+    old = run.model
+    new = curriculum.handoff_model(old, stage)
+    new.teachers, new.inject_nan_steps = old.teachers, old.inject_nan_steps
+    new.inject_oom_at, new.inject_oom_fired = old.inject_oom_at, old.inject_oom_fired
+    run.model = new
+    run.engine = build_engine(new, run.ds_config, run.cfg, _stage_start(run.cfg, stage))
+    install_step_guard(run)
+    if run.is_main:
+        print(f"step {step}: latent stage {stage}, m_shared {old.cfg.encoder.m_shared} -> {new.cfg.encoder.m_shared}",
+              flush=True)
+    save_checkpoint(run, step)
+
+
 def load_receivers(cfg: config_lib.Config, ds_config: dict) -> list[Receiver]:
     """Load the frozen receivers; under ZeRO-3 they are partitioned as they load (HF's DeepSpeed integration
     is kept alive only while loading, so nothing else is affected)."""
@@ -139,21 +195,17 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
                                 cfg.train.grad_clip, receivers_h, cuda)
     receivers = load_receivers(cfg, ds_config)
     torch.manual_seed(cfg.train.seed)  # trainable init does not depend on how receivers were loaded
-    model = LatentWire(cfg, receivers)
+    stage = _resume_stage(cfg, out, ds_config)
+    model = LatentWire(curriculum.stage_config(cfg, stage) if cfg.curriculum.m_stages else cfg, receivers)
     if cuda:
         model.encoder.cuda()
         model.adapters.cuda()
     from latentwire.teachers import load_teachers
 
     model.attach_teachers(load_teachers(cfg, receivers, ds_config))  # not submodules: no optimizer state, no checkpoint
-
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
-
     out.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
-                                           config=ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+    engine = build_engine(model, ds_config, cfg, _stage_start(cfg, stage))
     run = Run(cfg, out, rank, world, ds_config, engine, model, train_examples, eval_examples,
               micro_batch=micro, grad_accum=accum, oom_events=state.get("oom_events", 0))
     model.inject_oom_at = _oom_injection_step(state)
@@ -307,7 +359,7 @@ def _fsync_tree(root: Path) -> None:
 
 def trainable_state(run: Run) -> dict[str, torch.Tensor]:
     """Full trainable state on every rank (gathered under ZeRO-3), as contiguous CPU tensors."""
-    params = [p for n, p in run.model.named_parameters() if not n.startswith("receivers.")]
+    params = [p for n, p in run.model.named_parameters() if not n.startswith("receivers.") or p.requires_grad]
     with gathered(params):
         return {k: v.detach().cpu().contiguous().clone() for k, v in run.model.trainable_state_dict().items()}
 
@@ -329,9 +381,10 @@ def save_checkpoint(run: Run, step: int) -> Path:
         save_file(state, str(tmp / TRAINABLE_FILE))
         trainer_state = {"step": step, "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
                          "world_size": run.world, "oom_events": run.oom_events,
+                         "features": features.checkpoint_state(run.model),
                          "examples_seen": step * run.micro_batch * run.grad_accum * run.world}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        config_lib.save_config(run.cfg, tmp / "config.json")
+        config_lib.save_config(run.model.cfg, tmp / "config.json")
         contracts = {name: r.contract.to_dict() for name, r in run.model.receivers.items()}
         (tmp / "contract.json").write_text(json.dumps(contracts, indent=2) + "\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -406,7 +459,10 @@ def load_latest(run: Run) -> int:
         return 0
     run.engine.load_checkpoint(str(path), tag="ds", load_module_strict=False, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-    step = json.loads((path / "trainer_state.json").read_text())["step"]
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    step = trainer_state["step"]
+    if "features" in trainer_state:
+        features.load_checkpoint_state(run.model, trainer_state["features"])
     if run.is_main:
         _truncate_metrics(run.out / "metrics.jsonl", step)
         print(f"resumed from {path} at step {step}", flush=True)
@@ -522,7 +578,7 @@ def loss_norms(run: Run, step: int, contracts: dict) -> dict[str, float]:
 
     Every rank computes it from the data order alone (no communication), so losses are token means over the
     global batch and the update does not depend on how it is split over ranks and micro-batches."""
-    k = run.cfg.losses.k_tokens
+    k = curriculum.k_at(run.cfg, step, run.model.curriculum_state)
     n = len(run.train_examples)
     examples = [run.train_examples[i]
                 for accum in range(run.grad_accum) for rank in range(run.world)
@@ -621,6 +677,10 @@ def train(run: Run) -> None:
     step = run.start_step
     bad_streak = 0
     while step < tr.max_steps:
+        if cfg.curriculum.m_stages:
+            stage = curriculum.stage_at(cfg, step)
+            if run.model.cfg.encoder.m_shared != cfg.curriculum.m_stages[stage]:
+                hand_off(run, step, stage)
         skipped_before = run.engine.skipped_steps
         started = time.perf_counter()
         try:
@@ -628,6 +688,7 @@ def train(run: Run) -> None:
         except StepOOM as err:
             handle_oom(run, str(err))
             continue  # the same global batch again, now in smaller micro-batches
+        features.after_step(run.model, parts)  # parts are all-reduced: every rank takes the same decision
         elapsed = time.perf_counter() - started
         skipped = run.engine.skipped_steps > skipped_before
         bad_streak = bad_streak + 1 if skipped else 0
@@ -695,7 +756,7 @@ def evaluate_run(run: Run) -> dict | None:
 
 
 def active_features(cfg: config_lib.Config) -> list[str]:
-    return [name for name, on in config_lib.to_dict(cfg.features).items() if on is True]
+    return features.active(cfg)
 
 
 def main(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_change: bool = False) -> Run:

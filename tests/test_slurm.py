@@ -304,13 +304,15 @@ def submit(script: Path, args: list[str], log: Path, cwd: Path = REPO_ROOT, opti
 
 
 def wait_until(ready, deadline: float, what) -> None:
-    """Poll `ready()`; on the way start requeued jobs at once (slurm holds them back for ~2 minutes)."""
+    """Poll `ready()`; on the way start requeued jobs early. Slurm holds a requeued job back for ~2 minutes; it
+    needs a few seconds of that (started at once, slurmd refuses it: "Job credential revoked")."""
+    held_since: dict[str, float] = {}
     while not ready():
         assert time.monotonic() < deadline, what()
         for job in subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%i %r"], capture_output=True,
                                   text=True).stdout.splitlines():
             job_id, reason = job.split(maxsplit=1)
-            if reason == "BeginTime":
+            if reason == "BeginTime" and time.monotonic() - held_since.setdefault(job_id, time.monotonic()) > 5:
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(0.5)
 
