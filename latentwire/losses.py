@@ -37,15 +37,29 @@ def k_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-            temperature: float, teacher_weights: list[float] | None = None, norm: float | None = None) -> torch.Tensor:
-    """hidden (B, K, H) student; teacher_logits (T, B, K, V) teachers at the same positions -> scalar KD."""
+            temperature: float, teacher_weights: list[float] | None = None, norm: float | None = None,
+            example_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden (B, K, H) student; teacher_logits (T, B, K, V) teachers at the same positions -> scalar KD.
+
+    example_weights (B,) (mean 1, e.g. hard-negative weights) scale each example's KD rows; the kernel is then
+    called once per example (same total work: only that example's K rows go through the head)."""
     b, k, h = hidden.shape
     t, _, _, v = teacher_logits.shape
     weights = torch.tensor(teacher_weights, dtype=torch.float32) if teacher_weights is not None else None
-    mask = (targets != IGNORE).reshape(-1)
-    mean = kernels.kd_softmax_loss(hidden.reshape(b * k, h), weight, teacher_logits.reshape(t, b * k, v),
-                                   temperature=temperature, teacher_weights=weights, mask=mask)
-    return mean * int(mask.sum()) * _row_norm(targets, norm)
+    mask = targets != IGNORE
+    if example_weights is None:
+        mean = kernels.kd_softmax_loss(hidden.reshape(b * k, h), weight, teacher_logits.reshape(t, b * k, v),
+                                       temperature=temperature, teacher_weights=weights, mask=mask.reshape(-1))
+        return mean * int(mask.sum()) * _row_norm(targets, norm)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(b):
+        n_valid = int(mask[i].sum())
+        if n_valid == 0:
+            continue
+        mean = kernels.kd_softmax_loss(hidden[i], weight, teacher_logits[:, i], temperature=temperature,
+                                       teacher_weights=weights, mask=mask[i])
+        total = total + float(example_weights[i]) * mean * n_valid
+    return total * _row_norm(targets, norm)
 
 
 @torch.no_grad()
@@ -86,14 +100,17 @@ class LMHeadLoss(nn.Module):
                 teacher_hidden: torch.Tensor | None = None, temperature: float = 1.0,
                 extra_teacher_logits: torch.Tensor | None = None, teacher_weights: list[float] | None = None,
                 norm: float | None = None,
-                cached_teachers: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> dict:
+                cached_teachers: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None,
+                hard_negative_alpha: float = 0.0) -> dict:
         """student (B, K, H); targets (B, K); teacher_hidden (B, K, H) from the text pass (no grad);
         extra_teacher_logits (T', B, K, V) from larger live teachers; teacher_weights one weight per dense teacher
         (text teacher first; None = 1 each); norm: see `_row_norm`; cached_teachers [(topk_ids (B, K, k),
         topk_logprobs (B, K, k), weight)] from offline caches. Without targets: {"logits": (B, K, V) fp32}.
 
         The dense teachers form one mixture scored by kd_softmax_loss, each cached teacher is scored by
-        kd_topk_loss, and "kd" = (W_dense * KD_dense + sum_c w_c * KD_c) / (W_dense + sum_c w_c)."""
+        kd_topk_loss, and "kd" = (W_dense * KD_dense + sum_c w_c * KD_c) / (W_dense + sum_c w_c).
+        hard_negative_alpha > 0 weights each example's dense KD by `curriculum.hard_negative_weights` (mean 1:
+        examples the student gets wrong at answer token 0 and whose teacher is uncertain count more)."""
         weight = self.weight
         if targets is None:
             return {"logits": teacher_logits_at(student, weight)}
@@ -107,8 +124,14 @@ class LMHeadLoss(nn.Module):
         terms = []  # (weight, KD) of the dense mixture and of each cached teacher
         if teachers:
             dense_weight = sum(teacher_weights) if teacher_weights is not None else float(len(teachers))
+            example_weights = None
+            if hard_negative_alpha > 0:
+                from latentwire.features.curriculum import hard_negative_weights
+
+                example_weights = hard_negative_weights(teacher_logits_at(student[:, :1].detach(), weight)[:, 0],
+                                                        teachers[0][:, 0], targets[:, 0], hard_negative_alpha)
             terms.append((dense_weight, kd_loss(student, weight, torch.stack(teachers), targets, temperature,
-                                                teacher_weights, norm)))
+                                                teacher_weights, norm, example_weights)))
         for topk_ids, topk_logprobs, cached_weight in cached_teachers or []:
             terms.append((float(cached_weight), self._kd_topk(student, topk_ids, topk_logprobs, targets, temperature,
                                                               norm)))

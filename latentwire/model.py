@@ -93,7 +93,8 @@ class LatentWire(nn.Module):
                 kd_inputs = kd_targets(receiver, self.teachers.get(name, []), rb, batch["ids"], k,
                                        cfg.losses.text_teacher_weight)
             res = self.heads[name](student, rb["targets"], temperature=cfg.losses.kd_temperature,
-                                   norm=rb.get("loss_norm"), **kd_inputs)
+                                   norm=rb.get("loss_norm"), hard_negative_alpha=cfg.curriculum.hard_negative_alpha,
+                                   **kd_inputs)
             loss = cfg.losses.ce_weight * res["ce"]
             parts[f"ce/{name}"] = float(res["ce"].detach())
             first_weight = curriculum.first_token_weight(cfg, step)
