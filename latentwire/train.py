@@ -35,6 +35,15 @@ from latentwire.model import LatentWire
 from latentwire.receivers import Receiver, gathered, is_partitioned
 
 TRAINABLE_FILE = "trainable.safetensors"
+REQUEUE_REQUESTED = {"flag": False}  # set by the SIGUSR1 handler (install_requeue_handler), read once per step
+
+
+def install_requeue_handler() -> None:
+    """SIGUSR1 (slurm's warning before the time limit) asks for a checkpoint and a requeue exit. Installed as early
+    as possible so a signal that arrives while models load is not lost; the handler only sets a flag."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, lambda *_: REQUEUE_REQUESTED.__setitem__("flag", True))
 MANIFEST_FILE = "manifest.json"
 
 
@@ -57,7 +66,6 @@ class Run:
     grad_accum: int = 1
     oom_events: int = 0  # cumulative over restarts
     oom_this_process: int = 0
-    requeue_requested: bool = False
     step_bad: bool = False  # a non-finite loss was seen in the current optimizer step (this rank)
 
     @property
@@ -661,13 +669,11 @@ def handle_oom(run: Run, where: str) -> None:
 
 
 def train(run: Run) -> None:
-    import signal
-
     cfg = run.cfg
     tr = cfg.train
     contracts = {name: r.contract for name, r in run.model.receivers.items()}
     device = run.engine.device
-    signal.signal(signal.SIGUSR1, lambda *_: setattr(run, "requeue_requested", True))
+    install_requeue_handler()
     progress = None
     if run.is_main:
         from tqdm import tqdm
@@ -717,7 +723,7 @@ def train(run: Run) -> None:
             raise NonFiniteError(f"{bad_streak} consecutive optimizer steps (up to step {step}) had a non-finite loss "
                                  f"or gradient and were skipped; stopping (train.max_consecutive_bad_steps="
                                  f"{tr.max_consecutive_bad_steps}). The last good weights are in checkpoints/step_{step}.")
-        requeue = any_rank(run.requeue_requested)
+        requeue = any_rank(REQUEUE_REQUESTED["flag"])
         saved = None
         if step % tr.save_every == 0 or step == tr.max_steps or requeue:
             saved = save_checkpoint(run, step)

@@ -52,6 +52,9 @@ def dry_run(cfg: config_lib.Config, ds_path: str | None) -> None:
 
 
 def main(argv=None) -> int:
+    from latentwire.train import install_requeue_handler
+
+    install_requeue_handler()
     args = parse_args(argv)
     try:
         cfg = config_lib.load_config(args.config, args.set)
