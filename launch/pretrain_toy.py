@@ -5,7 +5,8 @@
 
 Each receiver gets its own byte-level BPE tokenizer trained here on toy text (Llama-3 style with BOS, 512 entries;
 Qwen2 style without BOS, 440 entries, so a few values split into two tokens) and a 2-layer, d=128 model of its
-architecture, trained with AdamW on the answer tokens only (answer + EOS), in exactly the text-teacher layout
+architecture, trained with AdamW on the answer tokens (answer + EOS) plus a language-modelling term on the prompt
+tokens (`--lm_weight`, see `answer_loss_and_hits`), in exactly the text-teacher layout
 LatentWire uses: [BOS?] "Context: ...\\nQuestion: ...\\n" "Answer:" " value" [EOS] (`PrefixContract`).
 
 Retrieval needs an induction-style phase change that a model trained directly on many facts does not find, so
@@ -94,13 +95,23 @@ def encode_batch(contract: PrefixContract, examples: list[toy.ToyExample]):
     return ids, mask, labels
 
 
-def answer_loss_and_hits(model, ids, mask, labels):
-    """Mean CE over answer+EOS tokens, and per example whether every one of them is the argmax (= greedy EM)."""
+def answer_loss_and_hits(model, ids, mask, labels, lm_weight: float = 0.0):
+    """Mean CE over answer+EOS tokens (+ lm_weight x mean CE over the prompt tokens), and per example whether
+    every answer token is the argmax (= greedy EM).
+
+    The prompt term is what makes retrieval learnable fast: predicting the question's last name after its first
+    name is an induction task (the pair occurs in the context), so it trains the heads the answer needs, with many
+    supervised positions per example instead of one.
+    """
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     targets = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=-100)
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
     valid = targets != -100
+    if lm_weight > 0:
+        prompt = (mask[:, 1:].bool() & ~valid).reshape(-1)
+        lm = torch.nn.functional.cross_entropy(flat[prompt], ids[:, 1:].reshape(-1)[prompt])
+        loss = loss + lm_weight * lm
     correct = (logits.argmax(-1) == targets) | ~valid
     return loss, correct.all(dim=1)
 
@@ -144,7 +155,7 @@ def pretrain(kind: str, out: Path, args) -> dict:
         n_max = stages[stage]
         n_min = stages[stage - 1] + 1 if stage else n_max
         examples = [toy.make_example(rng, train_people, rng.randint(n_min, n_max)) for _ in range(args.batch)]
-        loss, _ = answer_loss_and_hits(model, *encode_batch(contract, examples))
+        loss, _ = answer_loss_and_hits(model, *encode_batch(contract, examples), lm_weight=args.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -168,7 +179,7 @@ def pretrain(kind: str, out: Path, args) -> dict:
         "tokenizer_vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
         "command": "python launch/pretrain_toy.py " + " ".join(args.argv),
-        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "stages", "advance_at", "final_at",
+        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "lm_weight", "stages", "advance_at", "final_at",
                                                  "max_steps", "eval_every", "eval_examples")},
         "steps": step, "curriculum": log, "reached_final_stage": stage == len(stages) - 1,
         "held_out_em_8_facts": final, "held_out_examples": args.final_examples,
@@ -192,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lm_weight", type=float, default=1.0, help="weight of the CE on prompt tokens (0 = answer only)")
     p.add_argument("--stages", default="2,4,8", help="curriculum: max facts per stage")
     p.add_argument("--advance_at", type=float, default=97.0, help="held-out accuracy that ends a stage")
     p.add_argument("--final_at", type=float, default=99.0, help="held-out accuracy that ends the last stage")
