@@ -11,6 +11,10 @@ CONFIG="${CONFIG:-configs/toy.json}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 rm -rf "$OUT/run" "$OUT/eval"
 now() { date +%s; }
+if [ ! -f latentwire/assets/toy/llama/config.json ] || [ ! -f latentwire/assets/toy/qwen2/config.json ]; then
+    echo "== toy receivers missing: pretraining them (launch/pretrain_toy.py)"
+    python launch/pretrain_toy.py --out latentwire/assets/toy
+fi
 
 t0=$(now)
 echo "== toy data -> $OUT/data"
