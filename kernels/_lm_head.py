@@ -16,9 +16,10 @@ _MIN_CHUNK_COLS = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def vocab_chunk_cols(n_rows: int, vocab: int) -> int:
-    """Columns per vocabulary chunk for `n_rows` rows: fits CHUNK_BYTES, a multiple of 128, at least 256."""
-    cols = CHUNK_BYTES // (4 * max(n_rows, 1))
+def vocab_chunk_cols(n_rows: int, vocab: int, n_blocks: int = 1) -> int:
+    """Columns per vocabulary chunk for `n_rows` rows such that `n_blocks` fp32 (n_rows, cols) blocks fit
+    CHUNK_BYTES; a multiple of 128, at least 256."""
+    cols = CHUNK_BYTES // (4 * max(n_rows, 1) * n_blocks)
     cols = max(_MIN_CHUNK_COLS, cols // 128 * 128)
     return min(cols, vocab)
 

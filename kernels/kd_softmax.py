@@ -134,27 +134,37 @@ def _kd_grad_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _online_lse_torch(x, m, s):
-    """Fold x (n, cols) into running (m, s) (n,) in place; -inf entries allowed."""
+def _online_lse_torch(x, m, s, consume=False):
+    """Fold x (n, cols) into running (m, s) (n,) in place; -inf entries allowed. consume: x is scratch, reuse it."""
     m_new = torch.maximum(m, x.amax(dim=1))
     m_ref = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-    s.mul_(torch.exp(m - m_ref)).add_(torch.exp(x - m_ref[:, None]).sum(dim=1))
+    e = x.sub_(m_ref[:, None]).exp_() if consume else torch.exp(x - m_ref[:, None])
+    s.mul_(torch.exp(m - m_ref)).add_(e.sum(dim=1))
     m.copy_(m_new)
 
 
-def _lse_step(logits, teacher_chunk, rows, m, s, inv_tau, backend):
+def _teacher_rows(teacher_t, rows):
+    """teacher_t (N, cols) at the kept rows: a view when every row is kept (rows come sorted and unique)."""
+    return teacher_t if rows.numel() == teacher_t.shape[0] else teacher_t.index_select(0, rows)
+
+
+def _lse_step(logits, teacher_chunk, rows, m, s, inv_tau, scratch, backend):
+    """Fold the chunk into the student's (slot 0) and every teacher's (slot 1 + t) running max / sum."""
     n_rows, n_cols = logits.shape
     if backend == "triton":
         launch(_kd_online_lse_kernel, (n_rows,), logits, logits.stride(0), teacher_chunk, teacher_chunk.stride(0),
                teacher_chunk.stride(1), rows, m, s, n_rows, n_cols, inv_tau, N_TEACHERS=teacher_chunk.shape[0],
                BLOCK_V=min(_MAX_BLOCK_V, next_power_of_2(n_cols)))
         return
-    _online_lse_torch(logits.mul_(inv_tau), m[0], s[0])
+    _online_lse_torch(logits.mul_(inv_tau), m[0], s[0], consume=True)
+    tmp = scratch[0]
     for t in range(teacher_chunk.shape[0]):
-        _online_lse_torch(teacher_chunk[t].index_select(0, rows).to(m.dtype).mul_(inv_tau), m[t + 1], s[t + 1])
+        tmp.copy_(_teacher_rows(teacher_chunk[t], rows)).mul_(inv_tau)  # upcast first, then scale in fp32
+        _online_lse_torch(tmp, m[t + 1], s[t + 1], consume=True)
 
 
-def _grad_step(logits, teacher_chunk, rows, lse, teacher_w, kl, inv_tau, tau, out_dtype, want_grad, backend):
+def _grad_step(logits, teacher_chunk, rows, lse, teacher_w, kl, inv_tau, tau, out_dtype, want_grad, scratch,
+               backend):
     """Add the chunk's KL terms into kl (n,); return tau * (q - p_bar) in out_dtype (over logits if fp32)."""
     n_rows, n_cols = logits.shape
     if backend == "triton":
@@ -164,13 +174,15 @@ def _grad_step(logits, teacher_chunk, rows, lse, teacher_w, kl, inv_tau, tau, ou
                tau, N_TEACHERS=teacher_chunk.shape[0], WRITE_GRAD=want_grad,
                BLOCK_V=min(_MAX_BLOCK_V, next_power_of_2(n_cols)))
         return grad if want_grad else None
+    tmp, p_bar = scratch
     log_q = logits.mul_(inv_tau).sub_(lse[0][:, None])
-    p_bar = torch.zeros_like(log_q)
+    p_bar.zero_()
     for t in range(teacher_chunk.shape[0]):
-        z = teacher_chunk[t].index_select(0, rows).to(log_q.dtype)
-        p_bar.add_(z.mul_(inv_tau).sub_(lse[t + 1][:, None]).exp_().mul_(teacher_w[t]))
-    kl.add_((torch.special.xlogy(p_bar, p_bar) - p_bar * log_q).sum(dim=1))
-    return (log_q.exp_().sub_(p_bar).mul_(tau)).to(out_dtype) if want_grad else None
+        tmp.copy_(_teacher_rows(teacher_chunk[t], rows)).mul_(inv_tau)  # upcast first, then scale in fp32
+        p_bar.add_(tmp.sub_(lse[t + 1][:, None]).exp_().mul_(teacher_w[t]))
+    torch.special.xlogy(p_bar, p_bar, out=tmp)  # p log p, 0 where p = 0
+    kl.add_(tmp.addcmul_(p_bar, log_q, value=-1.0).sum(dim=1))
+    return log_q.exp_().sub_(p_bar).mul_(tau).to(out_dtype) if want_grad else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,18 +202,25 @@ def kd_softmax_forward(hidden, weight, teacher_logits, rows, teacher_w, temperat
     stat = stat_dtype(op_dtype)
     h_op = hidden.to(op_dtype)
     inv_tau, tau = 1.0 / temperature, float(temperature)
-    cols = vocab_chunk_cols(n_rows, vocab)
-
+    # The reference path holds three chunk-sized fp32 blocks (logits, p_bar, a temporary), so chunks are a third
+    # as wide as for the cross-entropy; the Triton path needs only the logits (and a bf16 gradient on CUDA).
+    cols = vocab_chunk_cols(n_rows, vocab, n_blocks=3)
     buffer = chunk_buffer(n_rows, cols, stat, hidden.device)
+    scratch_buffers = [] if backend == "triton" else [chunk_buffer(n_rows, cols, stat, hidden.device)
+                                                      for _ in range(2)]
 
     def chunk_logits(w_chunk):
         return mm_fp32(h_op, w_chunk.t(), out=chunk_view(buffer, n_rows, w_chunk.shape[0]))
+
+    def scratch(n_cols):
+        return [chunk_view(b, n_rows, n_cols) for b in scratch_buffers]
 
     m = torch.full((1 + n_teachers, n_rows), float("-inf"), dtype=stat, device=hidden.device)
     s = torch.zeros_like(m)
     for v0 in range(0, vocab, cols):
         logits = chunk_logits(weight[v0:v0 + cols])
-        _lse_step(logits, teacher_logits[:, :, v0:v0 + cols], rows, m, s, inv_tau, backend)
+        _lse_step(logits, teacher_logits[:, :, v0:v0 + cols], rows, m, s, inv_tau, scratch(logits.shape[1]),
+                  backend)
     lse = (m + torch.log(s)).contiguous()
 
     want_grad = need_dhidden or need_dweight
@@ -212,7 +231,7 @@ def kd_softmax_forward(hidden, weight, teacher_logits, rows, teacher_w, temperat
         w_chunk = weight[v0:v0 + cols]
         logits = chunk_logits(w_chunk)
         grad = _grad_step(logits, teacher_logits[:, :, v0:v0 + cols], rows, lse, teacher_w, kl, inv_tau, tau,
-                          op_dtype, want_grad, backend)
+                          op_dtype, want_grad, scratch(logits.shape[1]), backend)
         if need_dhidden:
             addmm_fp32_(dhidden, grad, w_chunk.to(op_dtype))
         if need_dweight:
@@ -366,7 +385,7 @@ def kd_topk_forward(hidden, weight, topk_ids, topk_logprobs, temperature, need_d
         safe_local, inside, in_topk = chunk_ids(v0, x.shape[1])
         student_at_ids = torch.where(inside, x.gather(1, safe_local), student_at_ids)
         _online_lse_torch(x, m_all, s_all)
-        _online_lse_torch(x.masked_fill_(in_topk, float("-inf")), m_tail, s_tail)
+        _online_lse_torch(x.masked_fill_(in_topk, float("-inf")), m_tail, s_tail, consume=True)
     lse_all = m_all + torch.log(s_all)
     lse_tail = m_tail + torch.log(s_tail)  # -inf when the ids cover the vocabulary
 

@@ -97,6 +97,16 @@ def make_example(rng: random.Random, people: list[tuple[str, str]], n_facts: int
     return ToyExample(context, QUESTION.format(first=first, last=last), values[asked], start, n_facts)
 
 
+def facts_in(context: str) -> list[tuple[str, str, str]]:
+    """The (first, last, value) triples of a context, in order (inverse of the FACT template)."""
+    out = []
+    for fact in context.removesuffix(".").split(". "):
+        name, value = fact.split(": ")
+        first, last = name.split(" ")
+        out.append((first, last, value))
+    return out
+
+
 def parse_facts(spec: str | int) -> list[int]:
     """'8' -> [8]; '1-8' -> [1, ..., 8]; '2,4,8' -> [2, 4, 8]."""
     spec = str(spec)

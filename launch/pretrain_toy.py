@@ -76,14 +76,29 @@ def build_model(kind: str, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def encode_batch(contract: PrefixContract, examples: list[toy.ToyExample]):
-    """-> ids (B, L), mask (B, L), labels (B, L) with -100 everywhere except answer tokens and EOS."""
+def encode_batch(contract: PrefixContract, examples: list[toy.ToyExample], rng: random.Random | None = None):
+    """-> ids (B, L), mask (B, L), labels (B, L) with -100 everywhere except answer tokens and EOS.
+
+    Each row starts with the exact text-teacher sequence [BOS?][prompt][anchor][answer][EOS]. With `rng`
+    (training), the row goes on with every other fact of the context asked in turn, in random order,
+    "Question: ...\n" [anchor][answer][EOS] each: n supervised answers per context instead of one (as in
+    multi-query associative recall), the same circuit every time.
+    """
     rows, label_rows = [], []
     for ex in examples:
         prefix = contract.text_prefix_ids(PROMPT_TEMPLATE.format(context=ex.context, question=ex.question))
         answer = contract.answer_ids(ex.answer)
-        rows.append(prefix + answer)
-        label_rows.append([-100] * len(prefix) + answer)
+        row, labels = prefix + answer, [-100] * len(prefix) + answer
+        if rng is not None:
+            others = [f for f in toy.facts_in(ex.context) if f[2] != ex.answer]
+            rng.shuffle(others)
+            for first, last, value in others:
+                asked = contract.encode("Question: " + toy.QUESTION.format(first=first, last=last) + "\n")
+                asked += contract.anchor_ids
+                more = contract.answer_ids(value)
+                row, labels = row + asked + more, labels + [-100] * len(asked) + more
+        rows.append(row)
+        label_rows.append(labels)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), contract.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -155,7 +170,8 @@ def pretrain(kind: str, out: Path, args) -> dict:
         n_max = stages[stage]
         n_min = stages[stage - 1] + 1 if stage else n_max
         examples = [toy.make_example(rng, train_people, rng.randint(n_min, n_max)) for _ in range(args.batch)]
-        loss, _ = answer_loss_and_hits(model, *encode_batch(contract, examples), lm_weight=args.lm_weight)
+        batch = encode_batch(contract, examples, rng if args.all_questions else None)
+        loss, _ = answer_loss_and_hits(model, *batch, lm_weight=args.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,7 +195,7 @@ def pretrain(kind: str, out: Path, args) -> dict:
         "tokenizer_vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
         "command": "python launch/pretrain_toy.py " + " ".join(args.argv),
-        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "lm_weight", "stages", "advance_at", "final_at",
+        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "all_questions", "lm_weight", "stages", "advance_at", "final_at",
                                                  "max_steps", "eval_every", "eval_examples")},
         "steps": step, "curriculum": log, "reached_final_stage": stage == len(stages) - 1,
         "held_out_em_8_facts": final, "held_out_examples": args.final_examples,
@@ -203,6 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--all_questions", type=int, default=1, help="1: ask every fact of a training context")
     p.add_argument("--lm_weight", type=float, default=1.0, help="weight of the CE on prompt tokens (0 = answer only)")
     p.add_argument("--stages", default="2,4,8", help="curriculum: max facts per stage")
     p.add_argument("--advance_at", type=float, default=97.0, help="held-out accuracy that ends a stage")
