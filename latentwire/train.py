@@ -105,7 +105,25 @@ def build_engine(model: LatentWire, ds_config: dict, cfg: config_lib.Config, ste
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=features.optimizer_groups(model),
                                            config=ds_config,
                                            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: fn(s + step_offset)))
+    restrict_checkpoint_loads(engine)
     return engine
+
+
+def restrict_checkpoint_loads(engine) -> None:
+    """DeepSpeed's checkpoint engine unpickles its state files with weights_only=False. Ours loads them with
+    weights_only=True, allowing only the three DeepSpeed types its ZeRO-0/2/3 state holds; anything else in a
+    checkpoint file is an error, never code run on load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
 
 
 def _stage_start(cfg: config_lib.Config, stage: int) -> int:

@@ -107,3 +107,27 @@ def test_too_many_bad_steps_stop_with_a_checkpoint(tmp_path, tiny_dir):
     assert (out / "checkpoints" / "latest").resolve().name == "step_3"
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["skipped"] is False
+
+
+class NotAllowed:  # any class outside the allowlist: unpickling it would run arbitrary code paths
+    pass
+
+
+def test_deepspeed_state_files_load_with_weights_only(tmp_path, tiny_dir):
+    """A checkpoint file that unpickles anything but tensors and DeepSpeed's three state types is refused, even with
+    a manifest that matches it."""
+    import hashlib
+
+    import torch
+
+    out = tmp_path / "w"
+    run_cli(train_cmd(out, 2, ["eval.at_end=false"]))
+    ckpt = out / "checkpoints" / "step_2"
+    states = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "payload": NotAllowed()}, states)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["ds/mp_rank_00_model_states.pt"] = hashlib.sha256(states.read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli(train_cmd(out, 4, ["eval.at_end=false"]), check=False)
+    assert proc.returncode != 0
+    assert "Weights only load failed" in proc.stderr or "Unsupported global" in proc.stderr
