@@ -163,6 +163,7 @@ class EvalConfig:
     latency_repeats: int = 3  # timed prefill + decode repeats per batch, path and receiver
     embed_replay: bool = True  # also run the embedding-replay baselines (embed_raw / embed_anchor / embed_resampled)
     every: int = 0  # held-out evaluation every N optimizer steps during training (0 = off)
+    at_start: bool = False  # with `every`: also evaluate before the first step (a step-0 row in metrics.jsonl)
     periodic_examples: int = 16  # examples of each periodic evaluation (0 = eval.max_examples)
     best_metric: str = "latent_f1_mean"  # <path>_<em|f1|nll|first_tok_top1|first_tok_top5>_<mean|receiver name>
 

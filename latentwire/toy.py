@@ -4,7 +4,7 @@ No pretrained LLM can be downloaded here and random tiny receivers answer nothin
 that two ~0.5M-parameter receivers can learn from scratch on a CPU (`launch/pretrain_toy.py`) and that
 LatentWire then has to carry through its latent (`launch/toy_benchmark.sh`). One example:
 
-    Context: Ada Hart: owl. Gus Vale: fig. ... (n facts)
+    Context: Ada Hart owl. Gus Vale fig. ... (n facts)
     Question: What does Gus Vale have?
     Answer: fig
 
@@ -43,7 +43,7 @@ VALUES = ("owl", "fox", "elk", "yak", "ape", "bat", "bee", "cow", "eel", "emu", 
           "gnu", "fig", "oat", "nut", "egg", "jam", "tea", "ham", "bun", "yam", "pea", "rye", "cup", "mug", "pen",
           "hat", "key")
 MAX_FACTS = 8
-FACT = "{first} {last}: {value}."
+FACT = "{first} {last} {value}."  # the value right after the name: see pretrain_toy.py
 QUESTION = "What does {first} {last} have?"
 SPLIT_SEED = 1234  # fixed: the person split is part of the world, not of a run
 EVAL_PEOPLE_FRACTION = 0.25
@@ -101,8 +101,7 @@ def facts_in(context: str) -> list[tuple[str, str, str]]:
     """The (first, last, value) triples of a context, in order (inverse of the FACT template)."""
     out = []
     for fact in context.removesuffix(".").split(". "):
-        name, value = fact.split(": ")
-        first, last = name.split(" ")
+        first, last, value = fact.split(" ")
         out.append((first, last, value))
     return out
 

@@ -700,6 +700,14 @@ def train(run: Run) -> None:
     metrics_path = run.out / "metrics.jsonl"
     step = run.start_step
     bad_streak = 0
+    if cfg.eval.every and cfg.eval.at_start and step == 0:  # the untrained baseline every later eval is read against
+        from latentwire.eval import periodic_eval
+
+        synced = run.world > 1 and zero_stage(run.ds_config) == 3
+        eval_out = periodic_eval(run.model, run.eval_examples, 0, synced=synced)
+        if run.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps({"step": 0, **eval_out["log"]}) + "\n")
     while step < tr.max_steps:
         if cfg.curriculum.m_stages:
             stage = curriculum.stage_at(cfg, step)

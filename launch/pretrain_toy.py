@@ -5,16 +5,19 @@
 
 Each receiver gets its own byte-level BPE tokenizer trained here on toy text (Llama-3 style with BOS, 512 entries;
 Qwen2 style without BOS, 440 entries, so a few values split into two tokens) and a 2-layer, d=128 model of its
-architecture, trained with AdamW on the answer tokens (answer + EOS) plus a language-modelling term on the prompt
-tokens (`--lm_weight`, see `answer_loss_and_hits`), in exactly the text-teacher layout
-LatentWire uses: [BOS?] "Context: ...\\nQuestion: ...\\n" "Answer:" " value" [EOS] (`PrefixContract`).
+architecture, trained with AdamW (lr 3e-4: at 1e-3 even plain associative recall stayed at chance here) on the answer
+tokens (answer + EOS) in exactly the text-teacher layout LatentWire uses:
+[BOS?] "Context: ...\nQuestion: ...\n" "Answer:" " value" [EOS] (`PrefixContract`), plus, with equal weight, on
+recall rows (`recall_batch`): the same context followed by one fact's name again, predicting its value.
 
-Retrieval needs an induction-style phase change that a model trained directly on many facts does not find, so
-training follows a curriculum over the number of facts: stage n draws (previous n)+1..n facts per example (the
+Retrieval needs an induction-style phase change. Trained on the question format alone, the models stayed at chance
+even with two facts (the name sits four tokens before the prediction, so two new heads are useless one without the
+other); the recall rows teach the matching circuit on its own, and the answer follows a few hundred steps later.
+Training also follows a curriculum over the number of facts: stage n draws (previous n)+1..n facts per example (the
 first stage exactly n: with a single fact, copying the only value would pass without any matching) and moves on once
 greedy accuracy on held-out people with exactly n facts reaches `--advance_at`; the last stage (8 facts) stops at
 `--final_at` or `--max_steps`. Accuracy is teacher-forced all-tokens-correct over answer + EOS, which is exactly
-greedy-decoding exact match.
+greedy-decoding exact match. (`--all_questions` and `--lm_weight` are further training signals, off by default.)
 
 Deterministic: data come from `random.Random(seed, step)`, the init from `torch.manual_seed(seed)`, and torch runs
 with deterministic algorithms and a fixed thread count; the same command with the same torch build and thread
@@ -110,14 +113,38 @@ def encode_batch(contract: PrefixContract, examples: list[toy.ToyExample], rng: 
     return ids, mask, labels
 
 
+def recall_batch(contract: PrefixContract, examples: list[toy.ToyExample], rng: random.Random):
+    """Recall rows: [BOS?] "Context: ...\n" then one fact's name again -> (ids, mask, last position, its value).
+
+    This is the plain associative-recall task (the key right before the prediction), which a 2-layer model
+    learns quickly with a previous-token head and a matching head. The question format puts four tokens
+    between the name and the prediction ("... Lark have?\nAnswer:") and, trained alone, stays at chance: the
+    matching head is only useful once a head brings the name to the anchor and vice versa. Recall rows train
+    the matching head on their own; the answer then needs only the extra hop.
+    """
+    rows, targets = [], []
+    for ex in examples:
+        first, last, value = rng.choice(toy.facts_in(ex.context))
+        context = contract.text_prefix_ids(f"Context: {ex.context}\n")[: -len(contract.anchor_ids)]
+        rows.append(context + contract.encode(f" {first} {last}"))
+        targets.append(contract.encode(f" {value}")[0])  # first token of the value
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), contract.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, torch.tensor([len(r) - 1 for r in rows]), torch.tensor(targets)
+
+
+def recall_loss(model, ids, mask, last, targets):
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits[torch.arange(len(targets)), last].float(), targets)
+
+
 def answer_loss_and_hits(model, ids, mask, labels, lm_weight: float = 0.0):
     """Mean CE over answer+EOS tokens (+ lm_weight x mean CE over the prompt tokens), and per example whether
-    every answer token is the argmax (= greedy EM).
-
-    The prompt term is what makes retrieval learnable fast: predicting the question's last name after its first
-    name is an induction task (the pair occurs in the context), so it trains the heads the answer needs, with many
-    supervised positions per example instead of one.
-    """
+    every answer token is the argmax (= greedy EM)."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     targets = labels[:, 1:]
     flat = logits.reshape(-1, logits.shape[-1])
@@ -172,6 +199,8 @@ def pretrain(kind: str, out: Path, args) -> dict:
         examples = [toy.make_example(rng, train_people, rng.randint(n_min, n_max)) for _ in range(args.batch)]
         batch = encode_batch(contract, examples, rng if args.all_questions else None)
         loss, _ = answer_loss_and_hits(model, *batch, lm_weight=args.lm_weight)
+        if args.recall_weight > 0:
+            loss = loss + args.recall_weight * recall_loss(model, *recall_batch(contract, examples, rng))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -195,7 +224,7 @@ def pretrain(kind: str, out: Path, args) -> dict:
         "tokenizer_vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
         "command": "python launch/pretrain_toy.py " + " ".join(args.argv),
-        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "all_questions", "lm_weight", "stages", "advance_at", "final_at",
+        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "all_questions", "recall_weight", "lm_weight", "stages", "advance_at", "final_at",
                                                  "max_steps", "eval_every", "eval_examples")},
         "steps": step, "curriculum": log, "reached_final_stage": stage == len(stages) - 1,
         "held_out_em_8_facts": final, "held_out_examples": args.final_examples,
@@ -216,11 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=sorted(ARCHS), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (part of the bit-for-bit recipe)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--all_questions", type=int, default=1, help="1: ask every fact of a training context")
-    p.add_argument("--lm_weight", type=float, default=1.0, help="weight of the CE on prompt tokens (0 = answer only)")
+    p.add_argument("--all_questions", type=int, default=0, help="1: ask every fact of a training context")
+    p.add_argument("--recall_weight", type=float, default=1.0, help="weight of the recall rows (see recall_batch)")
+    p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the CE on prompt tokens (0 = answer only)")
     p.add_argument("--stages", default="2,4,8", help="curriculum: max facts per stage")
     p.add_argument("--advance_at", type=float, default=97.0, help="held-out accuracy that ends a stage")
     p.add_argument("--final_at", type=float, default=99.0, help="held-out accuracy that ends the last stage")
