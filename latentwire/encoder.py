@@ -95,7 +95,10 @@ class ByteEncoder(nn.Module):
         self.n_receivers = n_receivers
         self.max_bytes = max_bytes
         self.embed = nn.Embedding(BYTE_VOCAB, cfg.d_model, padding_idx=BYTE_PAD)
-        self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model) * 0.02)
+        # Positions start at the byte embeddings' scale (both N(0, 1)): at 1/50 of it the encoder starts out as a
+        # bag of bytes and is slow to tell words apart (measured in the toy world: 10% vs 45% value accuracy after
+        # 750 steps, docs/toy.md).
+        self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)

@@ -13,7 +13,9 @@ rm -rf "$OUT/run" "$OUT/eval"
 now() { date +%s; }
 if [ ! -f latentwire/assets/toy/llama/config.json ] || [ ! -f latentwire/assets/toy/qwen2/config.json ]; then
     echo "== toy receivers missing: pretraining them (launch/pretrain_toy.py)"
-    python launch/pretrain_toy.py --out latentwire/assets/toy
+    # one thread each, as recorded in the committed receivers' toy_receiver.json: the same bytes come back
+    python launch/pretrain_toy.py --out latentwire/assets/toy --only llama --threads 1
+    python launch/pretrain_toy.py --out latentwire/assets/toy --only qwen2 --threads 1
 fi
 
 t0=$(now)

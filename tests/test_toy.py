@@ -129,7 +129,7 @@ def test_latent_regression_on_the_small_toy_world(tmp_path):
              "--set", f'data.train_files=["{data}/train.json"]', "--set", f'data.eval_files=["{data}/eval.json"]'],
             timeout=900)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/latent_first_tok_top1/llama" in r]
-    assert [r["step"] for r in rows] == [0, 150]
+    assert [r["step"] for r in rows] == [0, 400]
     chance = 100.0 / len(toy.VALUES)
     for name in ("llama", "qwen"):
         start, end = (r[f"eval/latent_first_tok_top1/{name}"] for r in rows)
