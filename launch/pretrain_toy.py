@@ -7,7 +7,7 @@ Each receiver gets its own byte-level BPE tokenizer trained here on toy text (Ll
 Qwen2 style without BOS, 440 entries, so a few values split into two tokens) and a 2-layer, d=128 model of its
 architecture, trained with AdamW (lr 3e-4: at 1e-3 even plain associative recall stayed at chance here) on the answer
 tokens (answer + EOS) in exactly the text-teacher layout LatentWire uses:
-[BOS?] "Context: ...\nQuestion: ...\n" "Answer:" " value" [EOS] (`PrefixContract`), plus, with equal weight, on
+[BOS?] "Context: ...\\nQuestion: ...\\n" "Answer:" " value" [EOS] (`PrefixContract`), plus, with equal weight, on
 recall rows (`recall_batch`): the same context followed by one fact's name again, predicting its value.
 
 Retrieval needs an induction-style phase change. Trained on the question format alone, the models stayed at chance
@@ -114,11 +114,11 @@ def encode_batch(contract: PrefixContract, examples: list[toy.ToyExample], rng: 
 
 
 def recall_batch(contract: PrefixContract, examples: list[toy.ToyExample], rng: random.Random):
-    """Recall rows: [BOS?] "Context: ...\n" then one fact's name again -> (ids, mask, last position, its value).
+    """Recall rows: [BOS?] "Context: ...\\n" then one fact's name again -> (ids, mask, last position, its value).
 
     This is the plain associative-recall task (the key right before the prediction), which a 2-layer model
     learns quickly with a previous-token head and a matching head. The question format puts four tokens
-    between the name and the prediction ("... Lark have?\nAnswer:") and, trained alone, stays at chance: the
+    between the name and the prediction ("... Lark have?\\nAnswer:") and, trained alone, stays at chance: the
     matching head is only useful once a head brings the name to the anchor and vice versa. Recall rows train
     the matching head on their own; the answer then needs only the extra hop.
     """
@@ -224,8 +224,9 @@ def pretrain(kind: str, out: Path, args) -> dict:
         "tokenizer_vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
         "command": "python launch/pretrain_toy.py " + " ".join(args.argv),
-        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "all_questions", "recall_weight", "lm_weight", "stages", "advance_at", "final_at",
-                                                 "max_steps", "eval_every", "eval_examples")},
+        "recipe": {k: getattr(args, k) for k in ("lr", "batch", "warmup", "all_questions", "recall_weight", "lm_weight",
+                                                 "stages", "advance_at", "final_at", "max_steps", "eval_every",
+                                                 "eval_examples")},
         "steps": step, "curriculum": log, "reached_final_stage": stage == len(stages) - 1,
         "held_out_em_8_facts": final, "held_out_examples": args.final_examples,
         "train_seconds": round(time.perf_counter() - started, 1),
