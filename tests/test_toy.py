@@ -1,5 +1,6 @@
-"""The toy world: the deterministic generator (disjoint people between splits, answers that need the context)
-and the report writer."""
+"""The toy world: the deterministic generator (disjoint people between splits, answers that need the context),
+the report writer, the committed receivers (recorded weights, text EM >= 90) and the latent regression test that
+catches a collapsed latent (held-out first-token accuracy far above chance and far above step 0)."""
 
 import json
 import random
@@ -128,7 +129,10 @@ def test_latent_regression_on_the_small_toy_world(tmp_path):
     run_cli(["launch/train.py", "--config", "configs/toy_ci.json", "--output_dir", str(out),
              "--set", f'data.train_files=["{data}/train.json"]', "--set", f'data.eval_files=["{data}/eval.json"]'],
             timeout=900)
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/latent_first_tok_top1/llama" in r]
+    logged = read_jsonl(out / "metrics.jsonl")
+    for key in ("diversity/llama", "diversity/qwen", "slot_cosine", "grad_norm_latent/ce/llama"):
+        assert any(key in r for r in logged), key  # the collapse diagnostics are logged
+    rows = [r for r in logged if "eval/latent_first_tok_top1/llama" in r]
     assert [r["step"] for r in rows] == [0, 400]
     chance = 100.0 / len(toy.VALUES)
     for name in ("llama", "qwen"):
