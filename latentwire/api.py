@@ -42,7 +42,7 @@ class Interlingua:
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None,
                         device: str | torch.device | None = None) -> "Interlingua":
         """Load `RUN/checkpoints/<step|latest|best>`; `overrides` are `--set`-style strings ("eval.batch_size=4")."""
-        from latentwire.eval import load_checkpoint_model
+        from latentwire.checkpoint import load_checkpoint_model
 
         cfg, model = load_checkpoint_model(path, overrides)
         return cls(cfg, model, device)

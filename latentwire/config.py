@@ -150,6 +150,10 @@ class TrainConfig:
     diagnostics_every: int = 0  # every N steps log first-token diversity, slot cosine, grad norms at Z (0 = off)
     baseline_verification: bool = False  # milestone-0 gate: forces every feature, KD and the curriculum off
 
+    def global_batch(self, world_size: int) -> int:
+        """Examples per optimizer step over all ranks (an OOM back-off changes the split, never this number)."""
+        return self.micro_batch * self.grad_accum * world_size
+
 
 @dataclass
 class EvalConfig:
@@ -505,3 +509,16 @@ def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             lines.append(f"{path}: {json.dumps(a)} -> {json.dumps(b)}")
     return lines
+
+
+def check_resumable(saved: Path, cfg: Config, allow_change: bool) -> None:
+    """Refuse to resume a run whose saved config.json differs from `cfg` (naming the changed keys), except for the
+    step budget and evaluation settings, or anything at all with `allow_change` (--allow_config_change)."""
+    if not saved.exists():
+        return
+    changed = diff_configs(json.loads(saved.read_text()), to_dict(cfg))
+    blocking = [c for c in changed if not c.startswith(("train.max_steps:", "eval."))]
+    if blocking and not allow_change:
+        raise ConfigError(f"{saved.parent} was started with a different config; changed keys:\n  "
+                          + "\n  ".join(blocking)
+                          + "\nuse a new --output_dir, or pass --allow_config_change to resume anyway")

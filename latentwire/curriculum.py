@@ -6,8 +6,10 @@
     text_blend          text/latent warm-up: share of pooled text embeddings mixed into the latent prefix
     stage_at / stage_config / handoff_state
                         staged latent length (e.g. M = 64 -> 48 -> 32) and the weight hand-off between stages
-    hard_negative_weights
-                        per-example KD weights from low first-token accuracy and high teacher entropy (mean 1)
+                        (the trainer builds the next stage's model: latentwire/train.py `hand_off`)
+    on_batch_start / after_step / warmup_prefix
+                        where the model and the trainer apply the curriculum (batch targets, adaptive-K state,
+                        the warm-up blend of the latent prefix)
 
 Stage hand-off rule: the pooler queries and the adapters' slot positions of the SHARED slots are resampled to the
 new M by linear interpolation along the slot axis (align_corners, so the first and last slot keep their vectors);
@@ -21,7 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from latentwire.config import Config
+from latentwire.config import Config, ConfigError
 
 
 def _linear(start: float, end: float, ramp: int, step: int) -> float:
@@ -115,6 +117,21 @@ def stage_config(cfg: Config, stage: int) -> Config:
     return new
 
 
+def stage_start(cfg: Config, stage: int) -> int:
+    """The optimizer step at which latent-length stage `stage` starts (its LR schedule counts from there)."""
+    return ([0] + list(cfg.curriculum.stage_steps))[stage]
+
+
+def resume_stage(cfg: Config, step: int, m_saved: int, where: str = "checkpoint") -> int:
+    """The stage a checkpoint of `step` with encoder.m_shared `m_saved` belongs to. A run stopped right at a
+    boundary has not handed off yet (its weights are the previous stage's); the loop does that next."""
+    stages = [i for i, m in enumerate(cfg.curriculum.m_stages) if m == m_saved and i <= stage_at(cfg, step)]
+    if not stages:
+        raise ConfigError(f"{where}: its m_shared {m_saved} is not a stage of curriculum.m_stages "
+                         f"{cfg.curriculum.m_stages} at step {step}")
+    return stages[-1]
+
+
 def _resize_slots(table: torch.Tensor, m_old: int, m_new: int) -> torch.Tensor:
     """table (M_old + rest, d) -> (M_new + rest, d): the first m_old rows (shared slots) linearly resampled."""
     shared, rest = table[:m_old], table[m_old:]
@@ -138,33 +155,39 @@ def handoff_state(state: dict[str, torch.Tensor], m_old: int, m_new: int) -> dic
     return out
 
 
-def handoff_model(model, stage: int):
-    """The LatentWire of curriculum stage `stage`, built over the same receivers, starting from `model`'s trained
-    weights (resized by `handoff_state`). The trainer then builds a fresh optimizer over its trainable parameters."""
-    from latentwire.model import LatentWire
+def on_batch_start(model, batch: dict, step: int) -> dict:
+    """Apply the step's curriculum to a collated batch in place (adaptive K masks targets past K); returns the
+    schedule values for metrics.jsonl."""
+    cfg = model.cfg
+    k = k_at(cfg, step, model.curriculum_state)
+    if k < cfg.losses.k_tokens:
+        for rb in batch["receivers"].values():
+            rb["targets"] = mask_targets(rb["targets"], k)
+    values = {"curriculum/k": float(k), "curriculum/keep": keep_probability(cfg, step)}
+    if cfg.curriculum.first_tok_weight_start or cfg.curriculum.first_tok_weight_end:
+        values["curriculum/first_tok_weight"] = first_token_weight(cfg, step)
+    if cfg.curriculum.text_warmup_steps:
+        values["curriculum/text_blend"] = text_blend(cfg, step)
+    return values
 
-    new_cfg = stage_config(model.cfg, stage)
-    state = handoff_state(model.trainable_state_dict(), model.cfg.encoder.m_shared, new_cfg.encoder.m_shared)
-    new = LatentWire(new_cfg, list(model.receivers.values()))
-    expected = set(new.trainable_state_dict())
-    if set(state) != expected:
-        raise ValueError(f"stage hand-off: trainable keys differ (missing {sorted(expected - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - expected)[:5]})")
-    new.load_state_dict(state, strict=False)
-    new.curriculum_state = dict(model.curriculum_state)
-    return new
+
+def after_step(model, parts: dict) -> None:
+    """After an optimizer step, with the all-reduced metrics of that step (identical on every rank)."""
+    if model.cfg.curriculum.k_acc_threshold > 0:
+        accs = [v for k, v in parts.items() if k.startswith("first_tok_acc/")]
+        if accs:
+            model.curriculum_state = advance_k(model.cfg, model.curriculum_state, sum(accs) / len(accs))
 
 
-def hard_negative_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                          alpha: float) -> torch.Tensor:
-    """Per-example KD weights (B,) with mean 1, so the KD loss keeps its scale.
-
-    student_logits (B, V) and teacher_logits (B, V) at answer position 0, targets (B,) the gold first token.
-    hardness_b = (1 - p_student(gold)) + H(teacher_b) / log V, both in [0, 1]; w_b = exp(alpha * hardness_b),
-    normalized to mean 1 over the batch (alpha = 0 gives all ones)."""
+def warmup_prefix(model, name: str, prefix: torch.Tensor, rb: dict, step: int) -> torch.Tensor:
+    """Text/latent warm-up: blend the prefix P (B, M, H) with the receiver's own prompt embeddings, mean-pooled to M
+    slots (tokens before the answer only, so no gold token leaks in), by `text_blend(step)`."""
+    blend = text_blend(model.cfg, step)
+    if blend <= 0:
+        return prefix
+    ids, mask = rb["text_ids"], rb["text_mask"]
+    before_answer = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < rb["text_answer_start"].unsqueeze(1)
     with torch.no_grad():
-        p_gold = student_logits.float().softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        logp = teacher_logits.float().log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1) / torch.log(torch.tensor(float(teacher_logits.shape[-1])))
-        weights = torch.exp(alpha * ((1.0 - p_gold) + entropy))
-        return weights / weights.mean()
+        text = model.receivers[name].embed(ids).float()
+    pooled = pooled_text_prefix(text, mask.bool() & before_answer, prefix.shape[1])
+    return (1.0 - blend) * prefix + blend * pooled.to(prefix.dtype)

@@ -317,6 +317,15 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.
     return ids, mask
 
 
+def to_device(obj, device):
+    """A collated batch (nested dicts of tensors) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def collate(examples: list[Example], contracts: dict, max_prompt_bytes: int, k_tokens: int,
             stats: DataStats | None = None) -> dict:
     """Build one training batch.

@@ -1,4 +1,5 @@
-"""Distributed plumbing as small pure functions: the DeepSpeed config builder, process-group setup, rank helpers.
+"""Distributed plumbing as small pure functions: the DeepSpeed config builder, process-group setup, rank helpers,
+and the ZeRO-3 helpers (`is_partitioned`, `gathered`, `frozen_bytes`) and rank agreement (`any_rank`).
 
 `build_ds_config` fills every "auto" (or missing) value of a DeepSpeed JSON baseline from the LatentWire config,
 the world size and the receivers' hidden size H, and asserts global = micro * accumulation * world.
@@ -6,6 +7,7 @@ the world size and the receivers' hidden size H, and asserts global = micro * ac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -160,3 +162,78 @@ def all_reduce_mean(values: list[float]) -> list[float]:
         dist.all_reduce(t)
         t = t.cpu() / dist.get_world_size()
     return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is set on any rank (all-reduce MAX; a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 partitioned parameter (its full data lives only inside a gather)."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor]):
+    """Materialize ZeRO-3 partitioned parameters for reading; a no-op for ordinary tensors."""
+    parts = [p for p in params if is_partitioned(p)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
+
+
+def frozen_bytes(module) -> tuple[int, int]:
+    """(total bytes of `module`'s frozen parameters, bytes actually resident on this rank: the partition under
+    ZeRO-3)."""
+    total = resident = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            continue
+        size = p.element_size()
+        if is_partitioned(p):
+            total += p.ds_numel * size
+            resident += p.ds_tensor.numel() * size
+        else:
+            total += p.numel() * size
+            resident += p.numel() * size
+    return total, resident
+
+
+def gather_object(value) -> list:
+    """`value` of every rank, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict | None):
+    """While alive, `from_pretrained` partitions weights as they load (HF's ZeRO-3 integration): pass a ZeRO-3
+    DeepSpeed config, or None for plain loading. HF holds only a weak reference to its DeepSpeed config, so this
+    keeps it alive for the block and unsets it afterwards, so nothing else is affected."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_ds
+
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield keep
+    finally:
+        hf_ds.unset_hf_deepspeed_config()

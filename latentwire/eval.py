@@ -17,8 +17,8 @@ Greedy decoding stops at EOS or `eval.max_new_tokens` only. Gold answers are use
 official SQuAD normalization, teacher-forced NLL of answer+EOS, first-token top-1/top-5), never as input. Results
 are also broken down per dataset (`by_source`). Latency times the prefill and each decode step separately
 (synchronized on GPU). Receiver-side features (`latentwire.features`) see the latent on the latent paths only.
-`periodic_eval` / `update_best` are the pieces the training loop calls to keep `checkpoints/best`; `write_outputs`
-writes metrics.json, predictions.jsonl, report.md and the plots. The full guide is docs/evaluation.md.
+`periodic_eval` is what the training loop calls (checkpoints/best is kept by latentwire/checkpoint.py);
+`write_outputs` writes metrics.json, predictions.jsonl, report.md and the plots. The full guide is docs/evaluation.md.
 
 Run it from a checkpoint: `python launch/eval.py --checkpoint DIR/checkpoints/latest --output_dir OUT`.
 """
@@ -28,10 +28,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
-import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,20 +39,17 @@ import zstandard
 
 import kernels
 from latentwire import metrics, wire
-from latentwire.config import EVAL_METRIC_KEYS, RESERVED_RECEIVER_NAMES, parse_metric_name
+from latentwire.config import EVAL_METRIC_KEYS, parse_metric_name
 from latentwire.data import DataStats, Example, _pad, prompt_text
 from latentwire.encoder import bytes_to_tensor
 from latentwire.features import latent_context
 from latentwire.model import LatentWire
-from latentwire.receivers import Receiver, gathered
+from latentwire.distributed import gathered
+from latentwire.receivers import Receiver
 
-CONTRACT_PATHS = ("text", "latent", "token_budget")  # the paths every metrics.json has
 REPLAY_PATHS = ("embed_raw", "embed_anchor", "embed_resampled")
-RESERVED_KEYS = RESERVED_RECEIVER_NAMES
 BYTE_BUDGET_PRECISION = "int8"
 BITS = {"fp16": 16, "int8": 8, "int4": 4}
-BEST_LINK = "best"
-BEST_FILE = "best.json"
 
 
 def eval_paths(ev) -> list[str]:
@@ -72,11 +68,6 @@ def path_precision(path: str, ev) -> str | None:
     if path.startswith("latent_"):
         return path[len("latent_"):]
     return None
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def _sync() -> None:
@@ -258,7 +249,126 @@ def _summary(rec: dict, rows: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the evaluation
+# the evaluation: one batch of examples through every path, then the summary
+
+
+@dataclass
+class Tally:
+    """Per-example records an evaluation accumulates, batch by batch (lists in example order)."""
+
+    paths: list[str]
+    names: list[str]
+    precisions: list[str]
+    recs: dict = field(default_factory=dict)  # receiver -> path -> field -> [value per example]
+    latency: dict = field(default_factory=dict)  # receiver -> path -> {"prefill_ms": [...], "decode_ms_per_token"}
+    prompt_tokens: dict = field(default_factory=dict)  # receiver -> [tokens per prompt]
+    payload_bytes: dict = field(default_factory=dict)  # precision -> [bytes per example]
+    text_utf8: list = field(default_factory=list)
+    text_zstd: list = field(default_factory=list)
+
+    def __post_init__(self):
+        fields_ = ("em", "f1", "nll", "top1", "top5", "bytes")
+        self.recs = {n: {p: {f: [] for f in fields_} for p in self.paths} for n in self.names}
+        self.latency = {n: {p: {"prefill_ms": [], "decode_ms_per_token": []} for p in self.paths} for n in self.names}
+        self.prompt_tokens = {n: [] for n in self.names}
+        self.payload_bytes = {p: [] for p in self.precisions}
+
+
+def _wire_precisions(ev, paths: list[str]) -> tuple[list[str], list[str]]:
+    """(precisions whose payloads are built: the reported ones plus those a path needs, the ones decoded)."""
+    needed = [path_precision(p, ev) for p in paths if path_precision(p, ev)]
+    if "byte_budget" in paths:
+        needed.append(BYTE_BUDGET_PRECISION)
+    return list(dict.fromkeys(list(ev.precisions) + needed)), list(dict.fromkeys(needed))
+
+
+@torch.no_grad()
+def evaluate_batch(model: LatentWire, prompts: list[str], golds: list[list[str]], rows: list[dict], tally: Tally,
+                   synced: bool, latency: bool) -> None:
+    """Encode one batch of prompts, send it through the real wire at every precision, and run every receiver on
+    every path of `tally`: greedy generation, teacher-forced scoring of the gold answer, optional timing.
+    Appends to `tally` and fills each row's "predictions"."""
+    cfg, ev = model.cfg, model.cfg.eval
+    device = next(model.encoder.parameters()).device
+    encoded = [p.encode("utf-8") for p in prompts]
+    zstd = zstandard.ZstdCompressor(level=19)
+    tally.text_utf8 += [len(b) for b in encoded]
+    tally.text_zstd += [len(zstd.compress(b)) for b in encoded]  # each prompt alone, as it would be sent
+    byte_ids, byte_mask = bytes_to_tensor(encoded, cfg.data.max_prompt_bytes)
+    z = model.encode(byte_ids.to(device), byte_mask.to(device)).float().cpu()
+    # The latent paths read what crossed the wire, not the encoder's in-memory tensor.
+    built, decoded = _wire_precisions(ev, tally.paths)
+    payloads = {p: wire.encode_batch(z, p, ev.group_size) for p in built}
+    payload_lens = {p: [len(b) for b in payloads[p]] for p in built}
+    for p in tally.precisions:
+        tally.payload_bytes[p] += payload_lens[p]
+    latents = {p: wire.decode_batch(payloads[p]).to(device) for p in decoded}
+    for name, receiver in model.receivers.items():
+        tally.prompt_tokens[name] += [len(receiver.contract.encode(p)) for p in prompts]
+        for path in tally.paths:
+            embeds, mask, ids, nbytes = path_inputs(model, name, path, prompts, latents, payload_lens)
+            gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
+            precision = path_precision(path, ev)
+            # Receiver-side features (LoRA, KV prefixes, latent adapters) see the latent on latent paths only.
+            with latent_context(model, name, latents[precision]) if precision else contextlib.nullcontext():
+                tokens = receiver.generate(mask, ev.max_new_tokens, synced=synced, **gen_kwargs)
+                if latency:
+                    for _ in range(ev.latency_repeats):
+                        prefill, decode = time_prefill_decode(receiver, embeds, mask, ev.max_new_tokens)
+                        tally.latency[name][path]["prefill_ms"].append(prefill)
+                        tally.latency[name][path]["decode_ms_per_token"].append(decode)
+                nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask, [g[0] for g in golds])
+            rec = tally.recs[name][path]
+            for row, t, gold in zip(rows, tokens, golds):
+                pred = receiver.decode(t)
+                row["predictions"].setdefault(name, {})[path] = pred
+                rec["em"].append(metrics.exact_match(pred, gold))
+                rec["f1"].append(metrics.f1_score(pred, gold))
+            rec["nll"] += nll
+            rec["top1"] += [float(x) for x in top1]
+            rec["top5"] += [float(x) for x in top5]
+            rec["bytes"] += [float(b) for b in nbytes]
+
+
+def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: dict, features: list[str] | None,
+              latency: bool) -> dict:
+    """The metrics dict in the contract layout: per receiver and path (with a per-dataset breakdown), the wire,
+    latency, and what was evaluated."""
+    cfg, ev = model.cfg, model.cfg.eval
+    by_source = {src: [i for i, ex in enumerate(examples) if ex.source == src] for src in stats}
+    everyone = list(range(len(examples)))
+    result: dict = {}
+    for name in model.names:
+        result[name] = {}
+        for path in tally.paths:
+            entry = _summary(tally.recs[name][path], everyone)
+            entry["by_source"] = {src: _summary(tally.recs[name][path], idx) for src, idx in by_source.items()}
+            result[name][path] = entry
+    n_slots = model.encoder.n_slots
+    m_read = cfg.encoder.m_shared + cfg.encoder.m_private
+    result["wire"] = {
+        "latent_slots": n_slots,  # everything on the wire: shared + every receiver's private slots
+        "latent_dim": cfg.encoder.d_z,
+        "latent_bytes": {p: statistics.fmean(v) for p, v in tally.payload_bytes.items()},
+        "latent_bytes_ideal": {p: n_slots * cfg.encoder.d_z * BITS[p] / 8 for p in ev.precisions},
+        "group_size": ev.group_size,
+        "text_bytes_utf8": statistics.fmean(tally.text_utf8),
+        "text_bytes_zstd": statistics.fmean(tally.text_zstd),
+        "token_compression": {n: statistics.fmean(tally.prompt_tokens[n]) / m_read for n in model.names},
+        "slots_per_receiver": m_read,
+    }
+    result["latency"] = ({n: {p: {k: _median_p90(v) for k, v in tally.latency[n][p].items()} for p in tally.paths}
+                          for n in model.names} if latency else {})
+    result["features"] = list(features or [])
+    result["wire_precision"] = ev.wire_precision
+    result["n_examples"] = len(examples)
+    result["receivers"] = list(model.names)
+    result["paths"] = tally.paths
+    result["data"] = {"sources": {s: len(idx) for s, idx in by_source.items()},
+                      "prompts_truncated": {s: st.prompts_truncated for s, st in stats.items()},
+                      "invalid_utf8": {s: st.invalid_utf8 for s, st in stats.items()},
+                      "max_prompt_bytes": cfg.data.max_prompt_bytes}
+    return result
 
 
 @torch.no_grad()
@@ -269,8 +379,7 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
 
     Every rank must call this with the same arguments when the receivers are ZeRO-3 partitioned (`synced`).
     """
-    cfg = model.cfg
-    ev = cfg.eval
+    cfg, ev = model.cfg, model.cfg.eval
     paths = list(dict.fromkeys(paths or eval_paths(ev)))
     limit = ev.max_examples if max_examples is None else max_examples
     examples = examples[:limit] if limit else list(examples)
@@ -278,104 +387,21 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
         raise ValueError("evaluation needs at least one example (eval.max_examples and the eval split are empty)")
     was_training = model.training
     model.eval()
-    device = next(model.encoder.parameters()).device
-    m_read = cfg.encoder.m_shared + cfg.encoder.m_private
-    needed = [path_precision(p, ev) for p in paths if path_precision(p, ev)]
-    if "byte_budget" in paths:
-        needed.append(BYTE_BUDGET_PRECISION)
-    precisions = list(dict.fromkeys(list(ev.precisions) + needed))
-
-    fields = ("em", "f1", "nll", "top1", "top5", "bytes")
-    recs = {n: {p: {f: [] for f in fields} for p in paths} for n in model.names}
-    lat = {n: {p: {"prefill_ms": [], "decode_ms_per_token": []} for p in paths} for n in model.names}
-    prompt_tokens = {n: [] for n in model.names}
-    payload_bytes = {p: [] for p in ev.precisions}
-    text_utf8, text_zstd = [], []
-    zstd = zstandard.ZstdCompressor(level=19)
+    tally = Tally(paths, list(model.names), list(ev.precisions))
     stats = {src: DataStats() for src in dict.fromkeys(ex.source for ex in examples)}
     rows = [{"id": ex.id, "source": ex.source, "answers": ex.answers, "predictions": {}} for ex in examples]
-
-    for start, chunk in zip(range(0, len(examples), ev.batch_size), _batches(examples, ev.batch_size)):
+    for start in range(0, len(examples), ev.batch_size):
+        chunk = examples[start:start + ev.batch_size]
         prompts = [prompt_text(ex, cfg.data.max_prompt_bytes, stats[ex.source]) for ex in chunk]
-        encoded = [p.encode("utf-8") for p in prompts]
-        text_utf8 += [len(b) for b in encoded]
-        text_zstd += [len(zstd.compress(b)) for b in encoded]  # each prompt alone, as it would be sent
-        byte_ids, byte_mask = bytes_to_tensor(encoded, cfg.data.max_prompt_bytes)
-        z = model.encode(byte_ids.to(device), byte_mask.to(device)).float().cpu()
-        # The latent paths read what crossed the wire, not the encoder's in-memory tensor.
-        payloads = {p: wire.encode_batch(z, p, ev.group_size) for p in precisions}
-        payload_lens = {p: [len(b) for b in payloads[p]] for p in precisions}
-        for p in ev.precisions:
-            payload_bytes[p] += payload_lens[p]
-        latents = {p: wire.decode_batch(payloads[p]).to(device) for p in dict.fromkeys(needed)}
-        golds = [ex.answers for ex in chunk]
-        for name, receiver in model.receivers.items():
-            prompt_tokens[name] += [len(receiver.contract.encode(p)) for p in prompts]
-            for path in paths:
-                embeds, mask, ids, nbytes = path_inputs(model, name, path, prompts, latents, payload_lens)
-                gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
-                precision = path_precision(path, ev)
-                # Receiver-side features (LoRA, KV prefixes, latent adapters) see the latent on latent paths only.
-                with (latent_context(model, name, latents[precision]) if precision
-                      else contextlib.nullcontext()):
-                    tokens = receiver.generate(mask, ev.max_new_tokens, synced=synced, **gen_kwargs)
-                    if latency:
-                        for _ in range(ev.latency_repeats):
-                            prefill, decode = time_prefill_decode(receiver, embeds, mask, ev.max_new_tokens)
-                            lat[name][path]["prefill_ms"].append(prefill)
-                            lat[name][path]["decode_ms_per_token"].append(decode)
-                    nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask,
-                                                       [g[0] for g in golds])
-                for i, t in enumerate(tokens):
-                    rows[start + i]["predictions"].setdefault(name, {})[path] = receiver.decode(t)
-                rec = recs[name][path]
-                for i, gold in enumerate(golds):
-                    pred = rows[start + i]["predictions"][name][path]
-                    rec["em"].append(metrics.exact_match(pred, gold))
-                    rec["f1"].append(metrics.f1_score(pred, gold))
-                rec["nll"] += nll
-                rec["top1"] += [float(x) for x in top1]
-                rec["top5"] += [float(x) for x in top5]
-                rec["bytes"] += [float(b) for b in nbytes]
-
-    by_source = {src: [i for i, ex in enumerate(examples) if ex.source == src] for src in stats}
-    everyone = list(range(len(examples)))
-    result: dict = {}
-    for name in model.names:
-        result[name] = {}
-        for path in paths:
-            entry = _summary(recs[name][path], everyone)
-            entry["by_source"] = {src: _summary(recs[name][path], idx) for src, idx in by_source.items()}
-            result[name][path] = entry
-    n_slots = model.encoder.n_slots
-    result["wire"] = {
-        "latent_slots": n_slots,  # everything on the wire: shared + every receiver's private slots
-        "latent_dim": cfg.encoder.d_z,
-        "latent_bytes": {p: statistics.fmean(v) for p, v in payload_bytes.items()},
-        "latent_bytes_ideal": {p: n_slots * cfg.encoder.d_z * BITS[p] / 8 for p in ev.precisions},
-        "group_size": ev.group_size,
-        "text_bytes_utf8": statistics.fmean(text_utf8),
-        "text_bytes_zstd": statistics.fmean(text_zstd),
-        "token_compression": {n: statistics.fmean(prompt_tokens[n]) / m_read for n in model.names},
-        "slots_per_receiver": m_read,
-    }
-    result["latency"] = ({n: {p: {k: _median_p90(v) for k, v in lat[n][p].items()} for p in paths}
-                          for n in model.names} if latency else {})
-    result["features"] = list(features or [])
-    result["wire_precision"] = ev.wire_precision
-    result["n_examples"] = len(examples)
-    result["receivers"] = list(model.names)
-    result["paths"] = paths
-    result["data"] = {"sources": {s: len(idx) for s, idx in by_source.items()},
-                      "prompts_truncated": {s: st.prompts_truncated for s, st in stats.items()},
-                      "invalid_utf8": {s: st.invalid_utf8 for s, st in stats.items()},
-                      "max_prompt_bytes": cfg.data.max_prompt_bytes}
+        evaluate_batch(model, prompts, [ex.answers for ex in chunk], rows[start:start + len(chunk)], tally,
+                       synced, latency)
+    result = summarise(model, tally, examples, stats, features, latency)
     model.train(was_training)
     return result, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# periodic evaluation during training and the best checkpoint
+# periodic evaluation during training (checkpoints/best: latentwire/checkpoint.py)
 
 
 def metric_value(result: dict, metric: str) -> float:
@@ -391,11 +417,6 @@ def metric_value(result: dict, metric: str) -> float:
             raise KeyError(f"metric {metric!r}: path {path!r} was not evaluated (paths: {result['paths']})")
         values.append(entry[key])
     return statistics.fmean(values)
-
-
-def lower_is_better(metric: str) -> bool:
-    """NLL falls as the model improves; EM, F1 and first-token accuracy rise."""
-    return parse_metric_name(metric, None)[1] == "nll"
 
 
 @torch.no_grad()
@@ -418,54 +439,8 @@ def periodic_eval(model: LatentWire, examples: list[Example], step: int, synced:
     return {"step": step, "metric": ev.best_metric, "value": value, "log": log}
 
 
-def read_best(ckpt_root: str | Path) -> dict | None:
-    """The record of `checkpoints/best` ({"metric", "value", "step", "checkpoint"}), or None."""
-    path = Path(ckpt_root) / BEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def is_better(value: float, best: dict | None, metric: str) -> bool:
-    """Whether `value` of `metric` beats the recorded best (a record of another metric does not count)."""
-    if value is None or math.isnan(value):
-        return False
-    if best is None or best.get("metric") != metric:
-        return True
-    return value < best["value"] if lower_is_better(metric) else value > best["value"]
-
-
-def update_best(ckpt_root: str | Path, step_dir: str | Path, value: float, metric: str) -> bool:
-    """Point `checkpoints/best` at `step_dir` if `value` beats the recorded best; returns whether it moved.
-
-    Rank 0 only. Like `latest`, the link is replaced atomically (a temporary symlink renamed over it), and
-    `best.json` records metric, value and step next to it, so a resumed run keeps comparing against its peak.
-    """
-    root, step_dir = Path(ckpt_root), Path(step_dir)
-    if not step_dir.is_dir() or step_dir.resolve().parent != root.resolve():
-        raise FileNotFoundError(f"best checkpoint candidate {step_dir} is not a directory inside {root}")
-    if not is_better(value, read_best(root), metric):
-        return False
-    record = {"metric": metric, "value": value, "checkpoint": step_dir.name,
-              "step": json.loads((step_dir / "trainer_state.json").read_text())["step"]
-              if (step_dir / "trainer_state.json").is_file() else None}
-    tmp = root / f".{BEST_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, root / BEST_FILE)
-    link_tmp = root / ".best_tmp"
-    if link_tmp.is_symlink() or link_tmp.exists():
-        link_tmp.unlink()
-    link_tmp.symlink_to(step_dir.name)
-    os.replace(link_tmp, root / BEST_LINK)
-    return True
-
-
-def best_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The step directory `checkpoints/best` points to (pruning must keep it), or None."""
-    link = Path(ckpt_root) / BEST_LINK
-    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# outputs and loading
+# outputs
 
 
 def format_table(result: dict) -> str:
@@ -488,35 +463,3 @@ def write_outputs(result: dict, rows: list[dict], out_dir: str | Path, metrics_j
             fh.write(json.dumps(row) + "\n")
     write_report(result, out, metrics_jsonl, plots=plots)
     return out
-
-
-def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = None):
-    """Rebuild config, receivers and trainable weights from a checkpoint directory alone -> (cfg, model)."""
-    from safetensors.torch import load_file
-
-    from latentwire import config as config_lib
-    from latentwire.train import TRAINABLE_FILE, verify_checkpoint
-
-    path = Path(checkpoint).resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    verify_checkpoint(path)
-    cfg = config_lib.load_config(path / "config.json", overrides)
-    receivers = [Receiver.load(r, cfg.data.max_answer_tokens) for r in cfg.receivers]
-    saved_contracts = json.loads((path / "contract.json").read_text())
-    for r in receivers:
-        now = r.contract.to_dict()
-        if saved_contracts.get(r.cfg.name) != now:
-            raise ValueError(f"receiver {r.cfg.name!r}: the prefix contract saved in {path} differs from the one "
-                             f"rebuilt from {r.cfg.path!r} (different tokenizer or anchor)")
-    torch.manual_seed(cfg.train.seed)
-    model = LatentWire(cfg, receivers)
-    state = load_file(str(path / TRAINABLE_FILE))
-    expected = set(model.trainable_state_dict())
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
-        raise ValueError(f"{path / TRAINABLE_FILE}: keys differ from the model's trainable state "
-                         f"(missing {missing}, unexpected {unexpected})")
-    model.load_state_dict(state, strict=False)
-    model.eval()
-    return cfg, model

@@ -109,7 +109,7 @@ class LMHeadLoss(nn.Module):
 
         The dense teachers form one mixture scored by kd_softmax_loss, each cached teacher is scored by
         kd_topk_loss, and "kd" = (W_dense * KD_dense + sum_c w_c * KD_c) / (W_dense + sum_c w_c).
-        hard_negative_alpha > 0 weights each example's dense KD by `curriculum.hard_negative_weights` (mean 1:
+        hard_negative_alpha > 0 weights each example's dense KD by `hard_negative_weights` (mean 1:
         examples the student gets wrong at answer token 0 and whose teacher is uncertain count more)."""
         weight = self.weight
         if targets is None:
@@ -126,8 +126,6 @@ class LMHeadLoss(nn.Module):
             dense_weight = sum(teacher_weights) if teacher_weights is not None else float(len(teachers))
             example_weights = None
             if hard_negative_alpha > 0:
-                from latentwire.features.curriculum import hard_negative_weights
-
                 example_weights = hard_negative_weights(teacher_logits_at(student[:, :1].detach(), weight)[:, 0],
                                                         teachers[0][:, 0], targets[:, 0], hard_negative_alpha)
             terms.append((dense_weight, kd_loss(student, weight, torch.stack(teachers), targets, temperature,
@@ -150,3 +148,18 @@ class LMHeadLoss(nn.Module):
         mean = kernels.kd_topk_loss(student.reshape(b * k, h), self.weight, topk_ids.reshape(b * k, top),
                                     topk_logprobs.reshape(b * k, top), temperature=temperature, mask=mask)
         return mean * int(mask.sum()) * _row_norm(targets, norm)
+
+
+def hard_negative_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
+    """Per-example KD weights (B,) with mean 1, so the KD loss keeps its scale.
+
+    student_logits (B, V) and teacher_logits (B, V) at answer position 0, targets (B,) the gold first token.
+    hardness_b = (1 - p_student(gold)) + H(teacher_b) / log V, both in [0, 1]; w_b = exp(alpha * hardness_b),
+    normalized to mean 1 over the batch (alpha = 0 gives all ones)."""
+    with torch.no_grad():
+        p_gold = student_logits.float().softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logp = teacher_logits.float().log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1) / torch.log(torch.tensor(float(teacher_logits.shape[-1])))
+        weights = torch.exp(alpha * ((1.0 - p_gold) + entropy))
+        return weights / weights.mean()

@@ -202,6 +202,22 @@ def _scores(em_sum: float, f1_sum: float, total: int) -> dict[str, float]:
     return {"exact_match": 100.0 * em_sum / total, "f1": 100.0 * f1_sum / total}
 
 
+def _score_all(task: str, items: list[tuple[str, Any]], predictions: Mapping[str, str], score) -> dict[str, float]:
+    """Mean EM/F1 in percent over `items` [(key, gold)], scoring `score(prediction, gold)`; a key without a
+    prediction scores 0 (and is reported)."""
+    em_sum = f1_sum = 0.0
+    missing = []
+    for key, gold in items:
+        if key not in predictions:
+            missing.append(key)
+            continue
+        em, f1 = score(predictions[key], gold)
+        em_sum += em
+        f1_sum += f1
+    _report_unanswered(task, missing, len(items), len(missing) < len(items))
+    return _scores(em_sum, f1_sum, len(items))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SQuAD v1.1
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,18 +267,7 @@ def squad_evaluate(dataset: Any, predictions: Mapping[str, str] | str | Path) ->
         pred_source, predictions = str(predictions), _load_json(predictions, '{"question id": "answer text"}')
     predictions = _check_predictions(predictions, pred_source, '{"question id": "answer text"}')
 
-    questions = squad_questions(dataset, source)
-    em_sum = f1_sum = 0.0
-    missing = []
-    for qid, golds in questions:
-        if qid not in predictions:
-            missing.append(qid)
-            continue
-        em, f1 = _em_f1(predictions[qid], golds)
-        em_sum += em
-        f1_sum += f1
-    _report_unanswered("squad", missing, len(questions), len(missing) < len(questions))
-    return _scores(em_sum, f1_sum, len(questions))
+    return _score_all("squad", squad_questions(dataset, source), predictions, _em_f1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,18 +310,7 @@ def hotpot_evaluate(path_or_rows: Any, predictions: Mapping[str, Any] | str | Pa
         predictions = predictions["answer"]
     predictions = _check_predictions(predictions, pred_source, expected)
 
-    answers = hotpot_answers(path_or_rows)
-    em_sum = f1_sum = 0.0
-    missing = []
-    for qid, gold in answers:
-        if qid not in predictions:
-            missing.append(qid)
-            continue
-        em, f1 = hotpot_em_f1(predictions[qid], gold)
-        em_sum += em
-        f1_sum += f1
-    _report_unanswered("hotpot", missing, len(answers), len(missing) < len(answers))
-    return _scores(em_sum, f1_sum, len(answers))
+    return _score_all("hotpot", hotpot_answers(path_or_rows), predictions, hotpot_em_f1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,18 +366,7 @@ def nq_evaluate(path_or_rows: Any, predictions: Any) -> dict[str, float]:
     """NQ-open {"exact_match", "f1"} in percent, keyed by question text (surrounding white space ignored).
     EM is the official metric; f1 is the best token F1 over the aliases, an extra."""
     predictions = _nq_predictions(predictions)
-    rows = nq_answers(path_or_rows)
-    em_sum = f1_sum = 0.0
-    missing = []
-    for question, aliases in rows:
-        if question not in predictions:
-            missing.append(question)
-            continue
-        em, f1 = _em_f1(predictions[question], aliases)
-        em_sum += em
-        f1_sum += f1
-    _report_unanswered("nq", missing, len(rows), len(missing) < len(rows))
-    return _scores(em_sum, f1_sum, len(rows))
+    return _score_all("nq", nq_answers(path_or_rows), predictions, _em_f1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from latentwire import features
+from latentwire import curriculum, features
 from latentwire.adapters import Adapter
 from latentwire.config import Config
 from latentwire.encoder import ByteEncoder
-from latentwire.features import curriculum
 from latentwire.losses import LMHeadLoss
-from latentwire.receivers import Receiver, is_partitioned
+from latentwire.distributed import is_partitioned
+from latentwire.receivers import Receiver
 from latentwire.teachers import kd_targets
 
 
@@ -33,13 +33,10 @@ class LatentWire(nn.Module):
             for r in receivers})
         self.receivers = nn.ModuleDict({r.cfg.name: r for r in receivers})
         self.heads = nn.ModuleDict({r.cfg.name: LMHeadLoss(r.model.get_output_embeddings()) for r in receivers})
-        self.inject_oom_at: int | None = None  # fault injection (LATENTWIRE_INJECT_OOM_AT_STEP), set by the trainer
-        self.inject_oom_fired: int | None = None
-        self.inject_nan_steps: set[int] = set()  # LATENTWIRE_INJECT_NAN_AT_STEP: the loss becomes NaN at these steps
         # {receiver name: [LiveTeacher | CachedTeacher]}: a plain dict, so teachers are not submodules (no optimizer
         # state, not in checkpoints, not wrapped by the training engine).
         self.teachers: dict[str, list] = {}
-        self.curriculum_state: dict = {}  # accuracy-driven curriculum state (features.after_step), rank-identical
+        self.curriculum_state: dict = {}  # accuracy-driven curriculum state (curriculum.after_step), rank-identical
         # Optional features (latentwire/features): LoRA goes into the receivers, the rest lives here.
         self.feature_modules = features.build(self)
 
@@ -66,25 +63,23 @@ class LatentWire(nn.Module):
         """Z (B, M_total, d_z) -> calibrated soft tokens P (B, M_shared + M_private, H) for receiver `name`."""
         return self.adapters[name](self.encoder.slots_for(z, self.names.index(name)))
 
-    def forward(self, batch: dict, step: int) -> dict:
+    def forward(self, batch: dict, step: int, diagnose: bool = False) -> dict:
+        """One training micro-batch -> {"loss": scalar, "parts": {name: float}}; with `diagnose`, also the
+        tensors `diagnostics` reads ("z", "first_logits", "terms"), before any backward."""
         cfg = self.cfg
-        if self.inject_oom_at is not None and step + 1 == self.inject_oom_at:
-            self.inject_oom_fired, self.inject_oom_at = self.inject_oom_at, None
-            raise torch.OutOfMemoryError(f"injected out-of-memory fault at optimizer step {step + 1}")
         z = self.encode(batch["bytes"], batch["byte_mask"])
         z_wire = z  # what the encoder emits, before curriculum dropout: the diagnostics look at this
-        every = cfg.train.diagnostics_every
-        diagnose = every > 0 and step % every == 0
-        weighted_terms: dict[str, torch.Tensor] = {}  # loss terms as they enter the total, for grad norms at Z
         z = curriculum.slot_dropout(z, cfg, step)  # latent dropout of shared slots, keyed by the step
         k = cfg.losses.k_tokens
         total = z.new_zeros(())
         parts: dict[str, float] = {}
-        parts.update(features.on_batch_start(self, batch, step))  # curriculum (adaptive K masks targets)
+        parts.update(curriculum.on_batch_start(self, batch, step))  # adaptive K masks targets
         parts.update(features.metrics(self))
+        terms: dict[str, torch.Tensor] = {}  # each loss term as it enters the total (diagnostics only)
+        first_logits: dict[str, torch.Tensor] = {}
         for name, receiver in self.receivers.items():
             rb = batch["receivers"][name]
-            prefix = features.warmup_prefix(self, name, self.prefix(z, name), rb, step)
+            prefix = curriculum.warmup_prefix(self, name, self.prefix(z, name), rb, step)
             with features.latent_context(self, name, z, prefix):  # the student reads the latent with its features
                 student = receiver.latent_pass(prefix, rb["latent_ids"], rb["latent_mask"],
                                                rb["latent_answer_start"], k)
@@ -98,34 +93,43 @@ class LatentWire(nn.Module):
             loss = cfg.losses.ce_weight * res["ce"]
             parts[f"ce/{name}"] = float(res["ce"].detach())
             first_weight = curriculum.first_token_weight(cfg, step)
-            if first_weight > 0:  # curriculum: extra CE on answer token 0
-                loss = loss + first_weight * self.heads[name](student[:, :1], rb["targets"][:, :1])["ce"]
+            if first_weight > 0:  # curriculum: extra CE on answer token 0, normalised like every other term
+                first = self.heads[name](student[:, :1], rb["targets"][:, :1], norm=rb.get("loss_norm_first"))
+                loss = loss + first_weight * first["ce"]
             if "kd" in res:
                 loss = loss + cfg.losses.kd_weight * res["kd"]
                 parts[f"kd/{name}"] = float(res["kd"].detach())
             parts[f"first_tok_acc/{name}"] = res["first_tok_acc"]
             total = total + loss
             if diagnose:
-                # Collapse shows here first: one first token predicted for every example of the batch.
-                first = self.heads[name](student[:, :1].detach())["logits"][:, 0].argmax(-1)
-                parts[f"diversity/{name}"] = first.unique().numel() / first.shape[0]
                 n_recv = len(self.receivers)
-                weighted_terms[f"ce/{name}"] = cfg.losses.ce_weight * res["ce"] / n_recv
+                first_logits[name] = self.heads[name](student[:, :1].detach())["logits"][:, 0]
+                terms[f"ce/{name}"] = cfg.losses.ce_weight * res["ce"] / n_recv
                 if "kd" in res:
-                    weighted_terms[f"kd/{name}"] = cfg.losses.kd_weight * res["kd"] / n_recv
+                    terms[f"kd/{name}"] = cfg.losses.kd_weight * res["kd"] / n_recv
+        out = {"loss": total / len(self.receivers), "parts": parts}
         if diagnose:
-            unit = nn.functional.normalize(z_wire.detach().float(), dim=-1)  # (B, M, d_z)
-            gram = unit @ unit.transpose(1, 2)  # (B, M, M) cosine between every two slots of one example
-            off_diagonal = ~torch.eye(gram.shape[1], dtype=torch.bool, device=gram.device)
-            parts["slot_cosine"] = float(gram[:, off_diagonal].mean()) if gram.shape[1] > 1 else 1.0
-            # Gradient norm of each loss term at Z (the micro-batch's whole (B, M, d_z) gradient). Skipped under
-            # ZeRO-3, where a second backward through partitioned receivers would upset DeepSpeed's hooks.
-            partitioned = any(is_partitioned(p) for r in self.receivers.values() for p in r.parameters())
-            if torch.is_grad_enabled() and z_wire.requires_grad and not partitioned:
-                for key, term in weighted_terms.items():
-                    (grad,) = torch.autograd.grad(term, z_wire, retain_graph=True)
-                    parts[f"grad_norm_latent/{key}"] = float(grad.norm())
-        loss = total / len(self.receivers)
-        if step + 1 in self.inject_nan_steps:
-            loss = loss * float("nan")
-        return {"loss": loss, "parts": parts}
+            out.update(z=z_wire, first_logits=first_logits, terms=terms)
+        return out
+
+    def diagnostics(self, out: dict) -> dict[str, float]:
+        """Collapse diagnostics of one `forward(..., diagnose=True)` output, taken before its backward:
+        first-token diversity per receiver (one first token predicted for every example is how collapse shows
+        first), mean cosine between two slots of one example, and the gradient norm of each loss term at Z.
+        The gradient norms are skipped under ZeRO-3, where a second backward through partitioned receivers would
+        upset DeepSpeed's hooks."""
+        parts = {}
+        for name, logits in out["first_logits"].items():
+            first = logits.argmax(-1)
+            parts[f"diversity/{name}"] = first.unique().numel() / first.shape[0]
+        z = out["z"]
+        unit = nn.functional.normalize(z.detach().float(), dim=-1)  # (B, M, d_z)
+        gram = unit @ unit.transpose(1, 2)  # (B, M, M) cosine between every two slots of one example
+        off_diagonal = ~torch.eye(gram.shape[1], dtype=torch.bool, device=gram.device)
+        parts["slot_cosine"] = float(gram[:, off_diagonal].mean()) if gram.shape[1] > 1 else 1.0
+        partitioned = any(is_partitioned(p) for r in self.receivers.values() for p in r.parameters())
+        if torch.is_grad_enabled() and z.requires_grad and not partitioned:
+            for key, term in out["terms"].items():
+                (grad,) = torch.autograd.grad(term, z, retain_graph=True)
+                parts[f"grad_norm_latent/{key}"] = float(grad.norm())
+        return parts

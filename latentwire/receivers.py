@@ -16,7 +16,6 @@ stops at EOS or `max_new_tokens` only.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from latentwire.config import ReceiverConfig
+from latentwire.distributed import gathered
 
 ALIGNMENT_PROBES = ("Paris", "1990", "the Broncos", "Denver Broncos", "42%", "Zürich", "yes")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,24 +32,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 class ContractError(ValueError):
     """The prefix contract cannot hold for this tokenizer / example."""
-
-
-def is_partitioned(param: torch.Tensor) -> bool:
-    """True for a ZeRO-3 partitioned parameter (its full data lives only inside a gather)."""
-    return hasattr(param, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.Tensor]):
-    """Materialize ZeRO-3 partitioned parameters for reading; a no-op for ordinary tensors."""
-    parts = [p for p in params if is_partitioned(p)]
-    if not parts:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
-        yield
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -327,3 +309,16 @@ class Receiver(nn.Module):
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def max_hidden_size(receivers) -> int:
+    """The largest width H over `receivers` (ReceiverConfigs), read from the model configs alone (no weights)."""
+    from transformers import AutoConfig
+
+    sizes = []
+    for r in receivers:
+        try:
+            sizes.append(int(AutoConfig.from_pretrained(resolve_model_path(r.path)).hidden_size))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"cannot read the model config of receiver {r.name!r} at {r.path!r}: {err}") from None
+    return max(sizes)

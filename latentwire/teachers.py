@@ -30,7 +30,6 @@ the receiver's tokenizer (a mismatch names the field) and every looked-up exampl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -40,8 +39,8 @@ import torch
 import torch.nn as nn
 
 from latentwire.config import Config, TeacherConfig
-from latentwire.distributed import zero_stage
-from latentwire.receivers import (Receiver, is_partitioned, load_causal_lm, load_tokenizer, resolve_model_path,
+from latentwire.distributed import is_partitioned, partitioned_loading, zero_stage
+from latentwire.receivers import (Receiver, load_causal_lm, load_tokenizer, resolve_model_path,
                                   tokenizer_fingerprint)
 
 CACHE_MANIFEST = "manifest.json"
@@ -200,28 +199,12 @@ def teacher_ds_config(ds_config: dict) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _partitioned_loading(ds_config: dict | None):
-    """While alive, `from_pretrained` partitions weights as they load (HF's ZeRO-3 integration)."""
-    if ds_config is None:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations import deepspeed as hf_ds
-
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 — HF holds a weak reference; keep it alive here
-    try:
-        yield
-    finally:
-        hf_ds.unset_hf_deepspeed_config()
-
-
 def build_teacher_forward(path: str, dtype: str, vocab: int, n_tokens: int, inference_ds: dict | None,
                           where: str) -> tuple[TeacherForward, object]:
     """Load a teacher -> (TeacherForward, engine). With `inference_ds` (a `teacher_ds_config`) the weights are
     ZeRO-3-partitioned as they load and an optimizer-less engine wraps the module; otherwise engine is None and
     the module is replicated on this rank's device."""
-    with _partitioned_loading(inference_ds):
+    with partitioned_loading(inference_ds):
         try:
             model = load_causal_lm(resolve_model_path(path), dtype)
         except FileNotFoundError as err:

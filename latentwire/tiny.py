@@ -233,17 +233,29 @@ def _prepare_tokenizer(path, texts, vocab_size, style, tokenizer_from):
     return len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
 
 
-def build_tiny_llama(path, texts, seed=0, hidden=None, layers=None, intermediate=None, tokenizer_from=None):
-    """Write a random-init Llama-architecture model and its tokenizer to `path`; return its parameter count.
+# Per architecture: config class, spec, tokenizer style, and what differs in the config. The Qwen2 tokenizer has no
+# BOS; as in the real Qwen2.5 base config, `config.bos_token_id` still names `<|endoftext|>` (its EOS), so read the
+# BOS policy from the tokenizer, not the config.
+ARCHS = {
+    "llama": (LlamaConfig, LLAMA_SPEC, LLAMA_STYLE, lambda bos, eos: {"bos_token_id": bos}),
+    "qwen2": (Qwen2Config, QWEN2_SPEC, QWEN2_STYLE, lambda bos, eos: {"bos_token_id": eos, "use_sliding_window": False}),
+}
+RECEIVER_ARCH = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+
+def build_tiny_model(model_type, path, texts, seed=0, hidden=None, layers=None, intermediate=None,
+                     tokenizer_from=None):
+    """Write a random-init model of `model_type` ("llama" | "qwen2") and its tokenizer to `path`; return its
+    parameter count.
 
     `texts` train the tokenizer unless `tokenizer_from` names a saved tokenizer to copy (then `texts` is unused).
-    `hidden`, `layers`, `intermediate` override `LLAMA_SPEC` (for larger same-tokenizer teachers).
+    `hidden`, `layers`, `intermediate` override the architecture's spec (for larger same-tokenizer teachers).
     """
-    spec = LLAMA_SPEC
+    config_cls, spec, style, extra = ARCHS[model_type]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab, bos_id, eos_id, pad_id = _prepare_tokenizer(path, texts, spec["vocab_size"], LLAMA_STYLE, tokenizer_from)
-    config = LlamaConfig(
+    vocab, bos_id, eos_id, pad_id = _prepare_tokenizer(path, texts, spec["vocab_size"], style, tokenizer_from)
+    config = config_cls(
         vocab_size=vocab,
         hidden_size=hidden or spec["hidden"],
         intermediate_size=intermediate or spec["intermediate"],
@@ -254,46 +266,12 @@ def build_tiny_llama(path, texts, seed=0, hidden=None, layers=None, intermediate
         rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
         rms_norm_eps=spec["rms_norm_eps"],
         tie_word_embeddings=False,
-        bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         dtype="float32",
+        **extra(bos_id, eos_id),
     )
     return _save_model(config, path, seed)
-
-
-def build_tiny_qwen2(path, texts, seed=0, hidden=None, layers=None, intermediate=None, tokenizer_from=None):
-    """Write a random-init Qwen2-architecture model and its tokenizer to `path`; return its parameter count.
-
-    Arguments as in `build_tiny_llama`. The tokenizer has no BOS; as in the real Qwen2.5 base config,
-    `config.bos_token_id` still names `<|endoftext|>`, so read the BOS policy from the tokenizer, not the config.
-    """
-    spec = QWEN2_SPEC
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab, _, eos_id, pad_id = _prepare_tokenizer(path, texts, spec["vocab_size"], QWEN2_STYLE, tokenizer_from)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden or spec["hidden"],
-        intermediate_size=intermediate or spec["intermediate"],
-        num_hidden_layers=layers or spec["layers"],
-        num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=MAX_POSITIONS,
-        rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
-        rms_norm_eps=spec["rms_norm_eps"],
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        dtype="float32",
-    )
-    return _save_model(config, path, seed)
-
-
-BUILDERS = {"tiny-llama": "build_tiny_llama", "tiny-qwen2": "build_tiny_qwen2"}
-BUILDER_FOR_MODEL_TYPE = {"llama": "build_tiny_llama", "qwen2": "build_tiny_qwen2"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +320,7 @@ def _build_stamped(path, spec, build):
 
 
 def _receiver_spec(name, seed):
-    arch = LLAMA_SPEC if name == "tiny-llama" else QWEN2_SPEC
+    arch = ARCHS[RECEIVER_ARCH[name]][1]
     sample_sha = hashlib.sha256(SQUAD_SAMPLE.read_bytes()).hexdigest()
     return {"name": name, "arch": arch, "seed": seed, "recipe": RECIPE_VERSION, "sample_sha256": sample_sha}
 
@@ -356,14 +334,13 @@ def build_tiny_receivers(out_dir, seed=0, overwrite=False):
     out_dir = Path(out_dir)
     texts = None
     paths = {}
-    for name, builder_name in BUILDERS.items():
+    for name, model_type in RECEIVER_ARCH.items():
         path = out_dir / name
         spec = _receiver_spec(name, seed)
         if overwrite or not _is_built(path, spec):
             if texts is None:
                 texts = bundled_texts()
-            builder = globals()[builder_name]
-            _build_stamped(path, spec, lambda tmp, b=builder: b(tmp, texts, seed))
+            _build_stamped(path, spec, lambda tmp, t=model_type: build_tiny_model(t, tmp, texts, seed))
         paths[name] = path
     return paths
 
@@ -376,7 +353,7 @@ def build_tiny_teacher(receiver_dir, out_dir, seed=0, scale=2, overwrite=False):
     """
     receiver_config = json.loads((Path(receiver_dir) / "config.json").read_text())
     tokenizer_sha = hashlib.sha256((Path(receiver_dir) / "tokenizer.json").read_bytes()).hexdigest()
-    builder = globals()[BUILDER_FOR_MODEL_TYPE[receiver_config["model_type"]]]
+    model_type = receiver_config["model_type"]
     sizes = {
         "hidden": receiver_config["hidden_size"] * scale,
         "layers": receiver_config["num_hidden_layers"] + scale - 1,
@@ -385,7 +362,8 @@ def build_tiny_teacher(receiver_dir, out_dir, seed=0, scale=2, overwrite=False):
     spec = {"teacher_of": receiver_config["model_type"], "tokenizer_sha256": tokenizer_sha, "seed": seed,
             "recipe": RECIPE_VERSION, **sizes}
     if overwrite or not _is_built(out_dir, spec):
-        _build_stamped(out_dir, spec, lambda tmp: builder(tmp, None, seed, tokenizer_from=receiver_dir, **sizes))
+        _build_stamped(out_dir, spec,
+                       lambda tmp: build_tiny_model(model_type, tmp, None, seed, tokenizer_from=receiver_dir, **sizes))
     return Path(out_dir)
 
 

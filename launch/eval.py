@@ -41,8 +41,9 @@ def main(argv=None) -> int:
 
     from latentwire import config as config_lib
     from latentwire.data import load_splits
-    from latentwire.eval import evaluate, format_table, load_checkpoint_model, write_outputs
-    from latentwire.train import active_features
+    from latentwire.checkpoint import load_checkpoint_model
+    from latentwire.eval import evaluate, format_table, write_outputs
+    from latentwire.features import active as active_features
 
     try:
         cfg, model = load_checkpoint_model(args.checkpoint, args.set)

@@ -13,8 +13,8 @@ they differ in who starts it again:
   checkpoint on every rank and exited. The supervisor passes it through untouched; the sbatch scripts answer it
   with `scontrol requeue "$SLURM_JOB_ID"`, and the requeued job resumes from `checkpoints/latest`.
 
-The sbatch scripts spell the value 76 out in bash; tests/test_slurm.py checks that they agree with this module.
+The values are defined in latentwire/faults.py, where the library raises `Relaunch(code)`; launch/train.py turns
+that into the exit code. The sbatch scripts spell the value 76 out in bash; tests/test_slurm.py checks that they agree with this module.
 """
 
-OOM_RESTART_EXIT_CODE = 75
-REQUEUE_EXIT_CODE = 76
+from latentwire.faults import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: F401  (defined with the faults)

@@ -44,7 +44,6 @@ if __package__ in (None, ""):  # run as `python launch/plan.py`: make `latentwir
 GiB = 1024**3
 
 ROLES = ("receiver", "teacher")
-STRATEGIES = ("replicate", "zero3", "device_map")
 DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "float": 4,
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,

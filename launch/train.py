@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def dry_run(cfg: config_lib.Config, ds_path: str | None) -> None:
 
 
 def main(argv=None) -> int:
-    from latentwire.train import install_requeue_handler
+    from latentwire.faults import install_requeue_handler
 
     install_requeue_handler()
     args = parse_args(argv)
@@ -66,12 +67,18 @@ def main(argv=None) -> int:
         return 0
     from latentwire.data import DataError
     from latentwire.distributed import DSConfigError
+    from latentwire.faults import Relaunch
     from latentwire.receivers import ContractError
     from latentwire.teachers import TeacherError
     from latentwire.train import main as train_main
 
     try:
         train_main(cfg, Path(args.output_dir), args.deepspeed, args.allow_config_change)
+    except Relaunch as relaunch:
+        # Leave at once, without interpreter teardown: a peer rank may still be inside a collective.
+        print(f"relaunch ({relaunch.code}): {relaunch}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(relaunch.code)
     except (config_lib.ConfigError, DataError, DSConfigError, ContractError, TeacherError, FileNotFoundError) as err:
         # Bad input: one clear line naming the culprit, no traceback, nothing written over a good run.
         print(f"error: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ from latentwire import data as D
 from latentwire import eval as E
 from latentwire import wire
 from tests.conftest import run_cli
-from tests.test_eval import eval_examples, make_checkpoint
+from tests.helpers import eval_examples, make_checkpoint
 
 
 @pytest.fixture(scope="module")

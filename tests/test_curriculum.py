@@ -1,4 +1,4 @@
-"""Curriculum schedules (latentwire/features/curriculum.py): pure functions of the step, identical on every rank,
+"""Curriculum schedules (latentwire/curriculum.py): pure functions of the step, identical on every rank,
 and the staged-M hand-off that keeps trained weights."""
 
 import json
@@ -11,11 +11,12 @@ import torch
 
 from latentwire import config as C
 from latentwire import data as D
-from latentwire import features
-from latentwire.features import curriculum as CU
+from latentwire import curriculum as CU
+from latentwire.losses import hard_negative_weights
 from latentwire.model import LatentWire
 from latentwire.receivers import Receiver
 from tests.conftest import ROOT, small_overrides
+from tests.helpers import train_steps
 
 SCHEDULE = ["curriculum.latent_keep_start=0.4", "curriculum.latent_keep_end=0.9", "curriculum.keep_ramp_steps=6",
             "curriculum.k_start=1", "curriculum.k_ramp_steps=6", "curriculum.first_tok_weight_start=2.0",
@@ -53,7 +54,7 @@ def test_adaptive_k_masks_targets_at_batch_start(tiny_receivers):
     examples = D.read_file(str(D.EMBEDDED_SQUAD))[:2]
     batch = D.collate(examples, {r.cfg.name: r.contract for r in tiny_receivers}, cfg.data.max_prompt_bytes, 4)
     model = type("M", (), {"cfg": cfg, "curriculum_state": {}})()
-    values = features.on_batch_start(model, batch, 0)
+    values = CU.on_batch_start(model, batch, 0)
     assert values["curriculum/k"] == 1.0
     for rb in batch["receivers"].values():
         assert (rb["targets"][:, 1:] == -100).all() and (rb["targets"][:, 0] != -100).all()
@@ -63,14 +64,14 @@ def test_hard_negative_weights_keep_the_loss_scale():
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 50), torch.randn(6, 50)
     targets = torch.randint(0, 50, (6,))
-    assert torch.allclose(CU.hard_negative_weights(student, teacher, targets, 0.0), torch.ones(6))
-    w = CU.hard_negative_weights(student, teacher, targets, 3.0)
+    assert torch.allclose(hard_negative_weights(student, teacher, targets, 0.0), torch.ones(6))
+    w = hard_negative_weights(student, teacher, targets, 3.0)
     assert w.mean() == pytest.approx(1.0) and w.shape == (6,)
     easy = student.clone()
     easy[0, targets[0]] = 50.0  # example 0 answered with certainty, teacher confident too
     sharp = teacher.clone()
     sharp[0, targets[0]] = 50.0
-    w = CU.hard_negative_weights(easy, sharp, targets, 3.0)
+    w = hard_negative_weights(easy, sharp, targets, 3.0)
     assert w[0] == w.min() and w.mean() == pytest.approx(1.0)
 
 
@@ -87,7 +88,7 @@ def test_slot_dropout_keeps_one_slot_and_rescales():
 RANKS = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     from latentwire import config as C
-    from latentwire.features import curriculum as CU
+    from latentwire import curriculum as CU
     rank, out = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method="file://" + out + ".rdv", rank=rank, world_size=2)
     cfg = C.load_config("configs/tiny.json", sys.argv[3:])
@@ -134,15 +135,12 @@ def test_stage_handoff_keeps_trained_weights(tiny_dir):
     model = LatentWire(cfg, receivers)
     examples = D.read_file(str(D.EMBEDDED_SQUAD))[:2]
     batch = D.collate(examples, {r.cfg.name: r.contract for r in receivers}, cfg.data.max_prompt_bytes, 4)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    for step in range(2):
-        loss = model(batch, step)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, batch, 2, lr=1e-2)
     assert CU.stage_at(cfg, 2) == 1
     old = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    new = CU.handoff_model(model, 1)
+    from latentwire.train import handoff_model
+
+    new = handoff_model(model, 1)
     assert new.cfg.encoder.m_shared == 6 and new.encoder.n_slots == 6 + 2 * cfg.encoder.m_private
     state = new.trainable_state_dict()
     assert set(state) == set(old)

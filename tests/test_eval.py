@@ -2,52 +2,23 @@
 real wire bytes within their bound, per-dataset breakdowns, periodic eval + best checkpoint, launch/eval.py."""
 
 import json
-import os
 from dataclasses import replace
+import os
 
 import pytest
 import torch
 
+from latentwire import checkpoint as CK
 from latentwire import config as C
 from latentwire import data as D
 from latentwire import eval as E
 from latentwire import wire
 from latentwire.model import LatentWire
 from tests.conftest import ROOT, run_cli
+from tests.helpers import EVAL_OVERRIDES, eval_examples, make_checkpoint
 
-# A deliberately small wire (16 slots x 8 dims): the int8 payload (148 B) is shorter than the prompts, so the
-# byte_budget path really cuts them.
-EVAL_OVERRIDES = ["encoder.n_layers=1", "encoder.d_z=8", "data.max_prompt_bytes=256", "eval.max_new_tokens=3",
-                  "eval.batch_size=2", "eval.latency_repeats=1", "eval.max_examples=3"]
 ALL_PATHS = ["text", "latent", "latent_fp16", "latent_int4", "token_budget", "byte_budget", "embed_raw",
              "embed_anchor", "embed_resampled"]
-
-
-def make_checkpoint(root, receivers, overrides=None, step=1):
-    """A checkpoint directory as save_checkpoint lays it out (no DeepSpeed state), from an untrained model."""
-    from safetensors.torch import save_file
-
-    from latentwire.train import MANIFEST_FILE, TRAINABLE_FILE, _sha256
-
-    cfg = C.load_config(ROOT / "configs" / "tiny.json", EVAL_OVERRIDES + (overrides or []))
-    torch.manual_seed(cfg.train.seed)
-    model = LatentWire(cfg, receivers)
-    ckpt = root / "checkpoints" / f"step_{step}"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, str(ckpt / TRAINABLE_FILE))
-    C.save_config(cfg, ckpt / "config.json")
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
-    (ckpt / "contract.json").write_text(json.dumps({r.cfg.name: r.contract.to_dict() for r in receivers}))
-    files = sorted(p for p in ckpt.iterdir() if p.is_file())
-    (ckpt / MANIFEST_FILE).write_text(json.dumps({p.name: _sha256(p) for p in files}))
-    (root / "checkpoints" / "latest").symlink_to(ckpt.name)
-    return ckpt, cfg, model
-
-
-def eval_examples():
-    """Two SQuAD examples and one relabelled as NQ, so the per-dataset breakdown has two sources."""
-    squad = D.read_file(str(D.EMBEDDED_SQUAD))
-    return [squad[0], squad[40], replace(squad[80], source="nq", id="nq-0")]
 
 
 @pytest.fixture(scope="module")
@@ -202,20 +173,20 @@ def test_periodic_eval_and_best_checkpoint(model, tmp_path):
     for step in (2, 4, 6, 8):
         (root / f"step_{step}").mkdir(parents=True)
         (root / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
-    assert E.best_checkpoint(root) is None
-    assert E.update_best(root, root / "step_2", 10.0, "latent_f1_mean")
-    assert not E.update_best(root, root / "step_4", 9.0, "latent_f1_mean")  # worse: stays
-    assert not E.update_best(root, root / "step_4", float("nan"), "latent_f1_mean")
-    assert os.readlink(root / "best") == "step_2" and E.best_checkpoint(root) == (root / "step_2").resolve()
-    assert E.update_best(root, root / "step_6", 12.5, "latent_f1_mean")
-    assert E.read_best(root) == {"metric": "latent_f1_mean", "value": 12.5, "checkpoint": "step_6", "step": 6}
+    assert CK.best_checkpoint(root) is None
+    assert CK.update_best(root, root / "step_2", 10.0, "latent_f1_mean")
+    assert not CK.update_best(root, root / "step_4", 9.0, "latent_f1_mean")  # worse: stays
+    assert not CK.update_best(root, root / "step_4", float("nan"), "latent_f1_mean")
+    assert os.readlink(root / "best") == "step_2" and CK.best_checkpoint(root) == (root / "step_2").resolve()
+    assert CK.update_best(root, root / "step_6", 12.5, "latent_f1_mean")
+    assert CK.read_best(root) == {"metric": "latent_f1_mean", "value": 12.5, "checkpoint": "step_6", "step": 6}
     # NLL is lower-is-better; a record of another metric does not block the first value of this one.
-    assert E.update_best(root, root / "step_8", 5.0, "latent_nll_mean")
-    assert not E.update_best(root, root / "step_6", 5.5, "latent_nll_mean")
-    assert E.update_best(root, root / "step_6", 4.0, "latent_nll_mean")
+    assert CK.update_best(root, root / "step_8", 5.0, "latent_nll_mean")
+    assert not CK.update_best(root, root / "step_6", 5.5, "latent_nll_mean")
+    assert CK.update_best(root, root / "step_6", 4.0, "latent_nll_mean")
     assert os.readlink(root / "best") == "step_6" and not (root / ".best_tmp").exists()
     with pytest.raises(FileNotFoundError):
-        E.update_best(root, tmp_path / "elsewhere", 1.0, "latent_nll_mean")
+        CK.update_best(root, tmp_path / "elsewhere", 1.0, "latent_nll_mean")
 
 
 def test_eval_config_fields_are_validated():
@@ -257,10 +228,6 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
     assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions"} for r in rows)
 
 
-TRAIN_CALLS_PERIODIC_EVAL = "periodic_eval" in (ROOT / "latentwire" / "train.py").read_text()
-
-
-@pytest.mark.skipif(not TRAIN_CALLS_PERIODIC_EVAL, reason="latentwire/train.py does not call eval.periodic_eval yet")
 def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):
     from tests.conftest import read_jsonl, train_cmd
 
@@ -270,7 +237,7 @@ def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):
     values = [r["eval/latent_nll_mean"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(values) == 4
     root = out / "checkpoints"
-    best = E.read_best(root)
+    best = CK.read_best(root)
     assert best["value"] == min(values) and best["step"] == values.index(min(values)) + 1
     assert os.readlink(root / "best") == f"step_{best['step']}"
     assert (root / "best" / "trainable.safetensors").is_file()  # pruning (keep_last=1) spared it

@@ -9,10 +9,12 @@ import torch
 from latentwire import config as C
 from latentwire import data as D
 from latentwire import features
-from latentwire.eval import latent_inputs, load_checkpoint_model
+from latentwire.checkpoint import load_checkpoint_model
+from latentwire.eval import latent_inputs
 from latentwire.model import LatentWire
 from latentwire.receivers import Receiver
 from tests.conftest import ROOT, run_cli, small_overrides
+from tests.helpers import train_steps, write_checkpoint
 
 FEATURES = ["lora", "deep_prefix", "latent_adapters", "coprocessor"]
 TINY_FEATURES = ["features.deep_prefix_hidden=16", "features.coprocessor_hidden=16", "features.latent_adapter_dim=16",
@@ -31,22 +33,6 @@ def small_batch(model, n: int = 2) -> dict:
     examples = D.read_file(str(D.EMBEDDED_SQUAD))[:n]
     contracts = {name: r.contract for name, r in model.receivers.items()}
     return D.collate(examples, contracts, model.cfg.data.max_prompt_bytes, model.cfg.losses.k_tokens)
-
-
-def write_checkpoint(model, cfg, path):
-    """The files `load_checkpoint_model` reads, written as the trainer writes them."""
-    from safetensors.torch import save_file
-
-    from latentwire.train import MANIFEST_FILE, TRAINABLE_FILE, _sha256
-
-    path.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.trainable_state_dict().items()},
-              str(path / TRAINABLE_FILE))
-    C.save_config(cfg, path / "config.json")
-    contracts = {name: r.contract.to_dict() for name, r in model.receivers.items()}
-    (path / "contract.json").write_text(json.dumps(contracts))
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    (path / MANIFEST_FILE).write_text(json.dumps({p.name: _sha256(p) for p in files}))
 
 
 @torch.no_grad()
@@ -76,12 +62,7 @@ def test_feature_trains_alone_and_restores_from_checkpoint(feature, tiny_dir, tm
     assert all(model.get_parameter(n).requires_grad for n in own)
     assert not [n for n, p in model.named_parameters()
                 if n.startswith("receivers.") and p.requires_grad and features.feature_of(n) is None]
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    for step in range(3):  # zero-initialized parts (LoRA B, adapter gates) unlock the rest after one step
-        loss = model(batch, step)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, batch, 3, lr=1e-2)  # zero-initialized parts (LoRA B, adapter gates) unlock the rest after one step
     after = dict(model.named_parameters())
     assert [n for n in own if torch.equal(before[n], after[n].detach())] == []
     receivers_own = [n for n in before if n.startswith("receivers.") and features.feature_of(n) is None]
@@ -97,8 +78,7 @@ def test_feature_trains_alone_and_restores_from_checkpoint(feature, tiny_dir, tm
     # The checkpoint holds the feature and eval's loader restores it: outputs equal the in-memory model's.
     state = model.trainable_state_dict()
     assert set(own) <= set(state)
-    write_checkpoint(model, cfg, tmp_path / "ckpt")
-    _, loaded = load_checkpoint_model(tmp_path / "ckpt")
+    _, loaded = load_checkpoint_model(write_checkpoint(model, tmp_path / "run"))
     live, again = latent_outputs(model, batch), latent_outputs(loaded, batch)
     for name in model.names:
         assert torch.equal(live[name][0], again[name][0]), name

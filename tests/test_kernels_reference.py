@@ -19,39 +19,15 @@ from torch.utils._pytree import tree_flatten
 
 import kernels
 from kernels import _lm_head
+from tests.helpers import assert_close, grads, lm_head_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Max |error| allowed, relative to the largest |expected| entry: fp32 carries ~7 digits through chunked GEMMs;
-# bf16 gradients are rounded to 8 bits when cast back to the input dtype.
-REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     """Every test here runs the PyTorch path, whatever the caller's environment says."""
     monkeypatch.setenv("LATENTWIRE_KERNELS", "reference")
-
-
-def assert_close(actual, expected, dtype, what=""):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, what
-    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
-
-
-def grads(loss, *tensors, upstream=None):
-    wanted = [t for t in tensors if t.requires_grad]
-    return torch.autograd.grad(loss, wanted, grad_outputs=upstream)
-
-
-def lm_head_inputs(n_rows, vocab, width, dtype, weight_grad=False, seed=0):
-    """hidden (N, H) and weight (V, H) in `dtype`, plus float64 leaf copies of the same (rounded) values."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n_rows, width, generator=gen).to(dtype)
-    weight = (torch.randn(vocab, width, generator=gen) * width ** -0.5 * 3).to(dtype)
-    hidden64, weight64 = hidden.double().requires_grad_(), weight.double().requires_grad_(weight_grad)
-    return hidden.requires_grad_(), weight.requires_grad_(weight_grad), hidden64, weight64
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ if str(REPO_ROOT) not in sys.path:  # the child runs this file as a script
 
 import kernels  # noqa: E402
 from kernels import _lm_head  # noqa: E402
+from tests.helpers import assert_close, grads, lm_head_inputs  # noqa: E402
 
-REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
 CASES = {}
 
 
@@ -41,33 +41,12 @@ def case(fn):
     return fn
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """Max |error| <= REL_TOL[dtype] * max |expected| (fp32 statistics; bf16 outputs rounded to 8 bits)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
-
-
-def grads(loss, *tensors, upstream=None):
-    return torch.autograd.grad(loss, [t for t in tensors if t.requires_grad], grad_outputs=upstream)
-
-
 def ran_triton(op, kernel_names, before):
     """The op dispatched to Triton and each named kernel was launched since the `before` counts."""
     assert kernels.last_backend(op) == "triton", f"{op} ran {kernels.last_backend(op)}, not triton"
     after = kernels.triton_launch_counts()
     for name in kernel_names:
         assert after.get(name, 0) > before.get(name, 0), f"{name} was not launched"
-
-
-def lm_head_inputs(device, n_rows, vocab, width, dtype, weight_grad=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n_rows, width, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(vocab, width, generator=gen) * width ** -0.5 * 3).to(device=device, dtype=dtype)
-    hidden64, weight64 = hidden.double().requires_grad_(), weight.double().requires_grad_(weight_grad)
-    return hidden.requires_grad_(), weight.requires_grad_(weight_grad), hidden64, weight64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,7 +90,7 @@ def rms_bf16_split_reduction(device):
 def _ce(device, dtype, rows, vocab, width, reduction, weight_grad, chunk_cols, ignore_every=3):
     old_bytes, _lm_head.CHUNK_BYTES = _lm_head.CHUNK_BYTES, 4 * rows * chunk_cols
     try:
-        hidden, weight, hidden64, weight64 = lm_head_inputs(device, rows, vocab, width, dtype, weight_grad)
+        hidden, weight, hidden64, weight64 = lm_head_inputs(rows, vocab, width, dtype, weight_grad, device=device)
         targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(2))
         targets[1::ignore_every] = -100
         targets = targets.to(device)
@@ -159,7 +138,7 @@ def ce_bf16_rows7_vocab257_none(device):
 
 @case
 def ce_all_ignored(device):
-    hidden, weight, _, _ = lm_head_inputs(device, 5, 300, 24, torch.float32, weight_grad=True)
+    hidden, weight, _, _ = lm_head_inputs(5, 300, 24, torch.float32, weight_grad=True, device=device)
     for reduction in ("mean", "sum", "none"):
         loss = kernels.k_token_cross_entropy(hidden, weight, torch.full((5,), -100, device=device),
                                              reduction=reduction)
@@ -171,7 +150,7 @@ def ce_all_ignored(device):
 def _kd(device, dtype, rows, vocab, width, teachers, teacher_weights, tau, masked, weight_grad, chunk_cols):
     old_bytes, _lm_head.CHUNK_BYTES = _lm_head.CHUNK_BYTES, 4 * rows * chunk_cols
     try:
-        hidden, weight, hidden64, weight64 = lm_head_inputs(device, rows, vocab, width, dtype, weight_grad)
+        hidden, weight, hidden64, weight64 = lm_head_inputs(rows, vocab, width, dtype, weight_grad, device=device)
         teacher_logits = (torch.randn(teachers, rows, vocab, generator=torch.Generator().manual_seed(5)) * 3)
         teacher_logits[0, 0, : vocab // 4] = float("-inf")  # padded vocabulary: probability 0, not nan
         teacher_logits = teacher_logits.to(device, dtype)
@@ -211,7 +190,7 @@ def kd_bf16_two_teachers_tau_half(device):
 
 @case
 def kd_all_masked(device):
-    hidden, weight, _, _ = lm_head_inputs(device, 4, 300, 24, torch.float32, weight_grad=True)
+    hidden, weight, _, _ = lm_head_inputs(4, 300, 24, torch.float32, weight_grad=True, device=device)
     teacher = torch.randn(2, 4, 300, device=device)
     loss = kernels.kd_softmax_loss(hidden, weight, teacher, 2.0, mask=torch.zeros(4, dtype=torch.bool, device=device))
     dh, dw = grads(loss, hidden, weight)
@@ -236,7 +215,7 @@ def cuda_operand_layout_bf16(device):
 @case
 def triton_path_really_ran(device):
     """Every kernel is launched (through the interpreter on CPU) when each op runs once with all gradients."""
-    hidden, weight, _, _ = lm_head_inputs(device, 3, 50, 8, torch.float32, weight_grad=True)
+    hidden, weight, _, _ = lm_head_inputs(3, 50, 8, torch.float32, weight_grad=True, device=device)
     kernels.k_token_cross_entropy(hidden, weight, torch.tensor([1, 2, 3], device=device)).backward()
     kernels.kd_softmax_loss(hidden, weight, torch.randn(1, 3, 50, device=device)).backward()
     x = torch.randn(2, 3, 4, device=device, requires_grad=True)
@@ -301,7 +280,7 @@ def test_triton_cuda_real_receiver_shapes_bf16(width, vocab):
     """Llama-3.1-8B / Qwen2.5-7B heads in bf16 against an fp32 eager oracle on the same rounded values."""
     torch.backends.cuda.matmul.allow_tf32 = False
     n_rows = 512
-    hidden, weight, _, _ = lm_head_inputs("cuda", n_rows, vocab, width, torch.bfloat16)
+    hidden, weight, _, _ = lm_head_inputs(n_rows, vocab, width, torch.bfloat16, device="cuda")
     targets = torch.randint(0, vocab, (n_rows,), device="cuda")
     loss = kernels.k_token_cross_entropy(hidden, weight, targets)
     (dh,) = grads(loss, hidden)

@@ -2,7 +2,7 @@
 
 import torch
 
-from latentwire.features.curriculum import hard_negative_weights
+from latentwire.losses import hard_negative_weights
 from latentwire.losses import LMHeadLoss, kd_loss
 
 

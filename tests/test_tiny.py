@@ -177,17 +177,16 @@ def test_teacher_shares_the_receiver_tokenizer_exactly(built, loaded, teachers):
 def test_complete_builds_are_skipped_and_incomplete_ones_rebuilt(tmp_path, monkeypatch):
     paths = tiny.build_tiny_receivers(tmp_path)
     calls = []
-    for builder in ("build_tiny_llama", "build_tiny_qwen2"):
-        real = getattr(tiny, builder)
-        counted = lambda *args, _real=real, _name=builder, **kwargs: calls.append(_name) or _real(*args, **kwargs)
-        monkeypatch.setattr(tiny, builder, counted)
+    real = tiny.build_tiny_model
+    counted = lambda model_type, *args, **kwargs: calls.append(model_type) or real(model_type, *args, **kwargs)
+    monkeypatch.setattr(tiny, "build_tiny_model", counted)
 
     assert tiny.build_tiny_receivers(tmp_path) == paths and calls == []
 
     (paths["tiny-qwen2"] / tiny.STAMP_NAME).unlink()  # what an interrupted build leaves
     (paths["tiny-qwen2"] / "model.safetensors").write_bytes(b"truncated")
     tiny.build_tiny_receivers(tmp_path)
-    assert calls == ["build_tiny_qwen2"]
+    assert calls == ["qwen2"]
     assert (paths["tiny-qwen2"] / tiny.STAMP_NAME).is_file()
     AutoModelForCausalLM.from_pretrained(paths["tiny-qwen2"])
 
@@ -195,11 +194,11 @@ def test_complete_builds_are_skipped_and_incomplete_ones_rebuilt(tmp_path, monke
     stamp["spec_hash"] = "stale"
     (paths["tiny-llama"] / tiny.STAMP_NAME).write_text(json.dumps(stamp))
     tiny.build_tiny_receivers(tmp_path)
-    assert calls == ["build_tiny_qwen2", "build_tiny_llama"]
+    assert calls == ["qwen2", "llama"]
 
     rng_state = torch.random.get_rng_state()
     tiny.build_tiny_receivers(tmp_path, overwrite=True)
-    assert calls[2:] == ["build_tiny_llama", "build_tiny_qwen2"]
+    assert calls[2:] == ["llama", "qwen2"]
     assert torch.equal(torch.random.get_rng_state(), rng_state)  # seeding the build leaves the caller's RNG alone
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NAMES)  # no partial directories left behind
 

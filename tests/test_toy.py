@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentwire import toy
-from latentwire.data import PROMPT_TEMPLATE, read_file
+from latentwire.data import read_file
 from tests.conftest import ROOT, read_jsonl, run_cli
 
 

@@ -1,4 +1,4 @@
-"""Optional receiver-side features, all off by default (`features.*` in the config), and the curriculum.
+"""Optional receiver-side features, all off by default (`features.*` in the config).
 
     lora             PEFT LoRA inside the receivers (lora.py)
     deep_prefix      per-layer key/value prefixes from the calibrated latent (kv_prefix.py)
@@ -11,9 +11,9 @@ The trainer and the model call these plain functions at fixed points; there is n
     latent_context(model, name, z)  around every latent-path forward of receiver `name` (training, scoring,
                                     generation): installs the example's latent for the hooks and turns LoRA on
     optimizer_groups(model)         parameter groups for the optimizer, one per feature
-    on_batch_start(model, batch, step)  curriculum on the collated batch (adaptive K); returns values to log
     metrics(model)                  feature diagnostics for metrics.jsonl (latent-adapter gates)
-    checkpoint_state(model) / load_checkpoint_state(model, state)  what trainer_state.json carries
+    checkpoint_state(model) / load_checkpoint_state(model, state)  what trainer_state.json carries (the active
+                                    features and the curriculum state, latentwire/curriculum.py)
 
 Feature modules live in `LatentWire.feature_modules` (outside `receivers.`), LoRA weights inside the receivers under
 keys containing ".lora_": both are part of `LatentWire.trainable_state_dict`, so every checkpoint holds them and
@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from latentwire.config import Config
-from latentwire.features import curriculum, latent_adapters, lora
+from latentwire.distributed import gathered
+from latentwire.features import latent_adapters, lora
 from latentwire.features.kv_prefix import Coprocessor, DeepPrefix
 
 FEATURES = ("lora", "deep_prefix", "latent_adapters", "coprocessor")
@@ -132,35 +133,9 @@ def optimizer_groups(model) -> list[dict]:
     return [{"name": key, "params": groups[key]} for key in ("base", *FEATURES) if key in groups]
 
 
-def on_batch_start(model, batch: dict, step: int) -> dict:
-    """Apply the step's curriculum to a collated batch in place (adaptive K masks targets past K); returns the
-    schedule values for metrics.jsonl."""
-    cfg = model.cfg
-    k = curriculum.k_at(cfg, step, model.curriculum_state)
-    if k < cfg.losses.k_tokens:
-        for rb in batch["receivers"].values():
-            rb["targets"] = curriculum.mask_targets(rb["targets"], k)
-    values = {"curriculum/k": float(k), "curriculum/keep": curriculum.keep_probability(cfg, step)}
-    if cfg.curriculum.first_tok_weight_start or cfg.curriculum.first_tok_weight_end:
-        values["curriculum/first_tok_weight"] = curriculum.first_token_weight(cfg, step)
-    if cfg.curriculum.text_warmup_steps:
-        values["curriculum/text_blend"] = curriculum.text_blend(cfg, step)
-    return values
-
-
-def after_step(model, parts: dict) -> None:
-    """After an optimizer step, with the all-reduced metrics of that step (identical on every rank)."""
-    if model.cfg.curriculum.k_acc_threshold > 0:
-        accs = [v for k, v in parts.items() if k.startswith("first_tok_acc/")]
-        if accs:
-            model.curriculum_state = curriculum.advance_k(model.cfg, model.curriculum_state, sum(accs) / len(accs))
-
-
 @torch.no_grad()
 def metrics(model) -> dict:
     """Feature diagnostics: tanh(gate) of every latent-adapter block."""
-    from latentwire.receivers import gathered
-
     out = {}
     blocks = model.feature_modules["latent_adapters"] if "latent_adapters" in model.feature_modules else {}
     for name, per_layer in blocks.items():
@@ -180,17 +155,3 @@ def load_checkpoint_state(model, state: dict) -> None:
     if saved != active(model.cfg):
         raise ValueError(f"checkpoint was trained with features {saved}, the config now enables {active(model.cfg)}")
     model.curriculum_state = dict(state.get("curriculum", {}))
-
-
-def warmup_prefix(model, name: str, prefix: torch.Tensor, rb: dict, step: int) -> torch.Tensor:
-    """Text/latent warm-up: blend the prefix P (B, M, H) with the receiver's own prompt embeddings, mean-pooled to M
-    slots (tokens before the answer only, so no gold token leaks in), by `curriculum.text_blend(step)`."""
-    blend = curriculum.text_blend(model.cfg, step)
-    if blend <= 0:
-        return prefix
-    ids, mask = rb["text_ids"], rb["text_mask"]
-    before_answer = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < rb["text_answer_start"].unsqueeze(1)
-    with torch.no_grad():
-        text = model.receivers[name].embed(ids).float()
-    pooled = curriculum.pooled_text_prefix(text, mask.bool() & before_answer, prefix.shape[1])
-    return (1.0 - blend) * prefix + blend * pooled.to(prefix.dtype)
