@@ -178,16 +178,17 @@ def read_best(root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def is_better(value: float, best: dict | None, metric: str) -> bool:
-    """Whether `value` of `metric` beats the recorded best (a record of another metric does not count)."""
+def is_better(value: float, best: dict | None, metric: str, split: str | None = None) -> bool:
+    """Whether `value` of `metric` beats the recorded best. A record of another metric, or one measured on another
+    validation set (`split`: its digest, e.g. after a data-curriculum stage changed it), does not count."""
     if value is None or math.isnan(value):
         return False
-    if best is None or best.get("metric") != metric:
+    if best is None or best.get("metric") != metric or best.get("split") != split:
         return True
     return value < best["value"] if lower_is_better(metric) else value > best["value"]
 
 
-def update_best(root: str | Path, step_dir: str | Path, value: float, metric: str) -> bool:
+def update_best(root: str | Path, step_dir: str | Path, value: float, metric: str, split: str | None = None) -> bool:
     """Point `checkpoints/best` at `step_dir` if `value` beats the recorded best; returns whether it moved.
 
     Rank 0 only. Like `latest`, the link is replaced atomically, and `best.json` records metric, value and step
@@ -195,10 +196,10 @@ def update_best(root: str | Path, step_dir: str | Path, value: float, metric: st
     root, step_dir = Path(root), Path(step_dir)
     if not step_dir.is_dir() or step_dir.resolve().parent != root.resolve():
         raise FileNotFoundError(f"best checkpoint candidate {step_dir} is not a directory inside {root}")
-    if not is_better(value, read_best(root), metric):
+    if not is_better(value, read_best(root), metric, split):
         return False
     state = step_dir / TRAINER_STATE_FILE
-    record = {"metric": metric, "value": value, "checkpoint": step_dir.name,
+    record = {"metric": metric, "value": value, "checkpoint": step_dir.name, "split": split,
               "step": json.loads(state.read_text())["step"] if state.is_file() else None}
     tmp = root / f".{BEST_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -55,10 +55,12 @@ class ReceiverConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # files or dataset ids; empty = embedded SQuAD sample
-    eval_files: list[str] = field(default_factory=list)  # empty = held-out articles of the training files
+    eval_files: list[str] = field(default_factory=list)  # the TEST split; empty = groups cut from the training files
+    val_files: list[str] = field(default_factory=list)  # the validation split; empty = groups cut from the training files
     format: str = "auto"  # auto | squad | hotpot | nq
     mix_weights: list[float] = field(default_factory=list)  # per train file sampling weight; empty = by size
-    eval_fraction: float = 0.2  # share of articles held out when eval_files is empty (split by article)
+    eval_fraction: float = 0.2  # share of groups cut for test when eval_files is empty (article / person / question)
+    val_fraction: float = 0.1  # share of the remaining groups cut for validation when val_files is empty
     max_prompt_bytes: int = 768  # UTF-8 bytes of the prompt the encoder reads (longer contexts are cut)
     max_answer_tokens: int = 24  # answer tokens kept as teacher-forcing targets (EOS always appended)
     max_train_examples: int = 0  # 0 = all
@@ -149,6 +151,7 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
     diagnostics_every: int = 0  # every N steps log first-token diversity, slot cosine, grad norms at Z (0 = off)
     baseline_verification: bool = False  # milestone-0 gate: forces every feature, KD and the curriculum off
+    stop_at_metric: float = 0.0  # stop once the periodic VALIDATION eval.best_metric reaches this (0 = never)
 
     def global_batch(self, world_size: int) -> int:
         """Examples per optimizer step over all ranks (an OOM back-off changes the split, never this number)."""
@@ -368,8 +371,9 @@ def validate(cfg: Config) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"receivers: names must be unique, got {names}")
     _check_choice("data.format", cfg.data.format, DATA_FORMATS)
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {cfg.data.eval_fraction}")
+    for key in ("eval_fraction", "val_fraction"):
+        if not 0.0 < getattr(cfg.data, key) < 1.0:
+            raise ConfigError(f"data.{key}: must be in (0, 1), got {getattr(cfg.data, key)}")
     if cfg.data.mix_weights and len(cfg.data.mix_weights) != len(cfg.data.train_files):
         raise ConfigError("data.mix_weights: needs one weight per entry of data.train_files")
     _check_positive("data.max_prompt_bytes", cfg.data.max_prompt_bytes)
@@ -414,6 +418,8 @@ def validate(cfg: Config) -> None:
     _check_positive("eval.every", ev.every, allow_zero=True)
     _check_positive("eval.periodic_examples", ev.periodic_examples, allow_zero=True)
     parse_metric_name(ev.best_metric, names)
+    if cfg.train.stop_at_metric and not ev.every:
+        raise ConfigError("train.stop_at_metric needs the periodic validation evaluation: set eval.every > 0")
 
 
 def _validate_features(cfg: Config) -> None:

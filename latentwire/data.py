@@ -16,10 +16,12 @@ the same examples whatever the world size, so resumes and rank layouts agree.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +39,7 @@ class DataError(ValueError):
 class Example:
     id: str
     source: str  # dataset name: squad | hotpot | nq
-    article: str  # grouping key of the train/eval split (article title)
+    article: str  # grouping key of the splits: article title (SQuAD), person (toy), normalised question (HotpotQA, NQ)
     context: str
     question: str
     answers: list[str]  # every gold answer; answers[0] is the training target
@@ -114,7 +116,8 @@ def _hotpot_row(row: dict, where: str) -> Example:
     if not pairs:
         raise DataError(f"{where}: empty context")
     context = "\n".join(f"{title}: {''.join(sents)}" for title, sents in pairs)
-    return Example(str(row[key]), "hotpot", str(row[key]), context, _check_text(row["question"], where, "question"),
+    question = _check_text(row["question"], where, "question")
+    return Example(str(row[key]), "hotpot", normalize_text(question), context, question,
                    [_check_text(row["answer"], where, "answer")])
 
 
@@ -128,8 +131,8 @@ def _nq_row(row: dict, where: str, index: int) -> Example:
         raise DataError(f"{where}: no passage ('ctxs'); NQ-open without passages cannot be compressed")
     gold = next((c for c in ctxs if c.get("isgold")), ctxs[0])
     context = f"{gold.get('title', '')}: {gold.get('text', '')}"
-    return Example(f"nq-{index}", "nq", str(gold.get("title", index)), context,
-                   _check_text(row["question"], where, "question"), [str(a) for a in answers])
+    question = _check_text(row["question"], where, "question")
+    return Example(f"nq-{index}", "nq", normalize_text(question), context, question, [str(a) for a in answers])
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -161,12 +164,18 @@ def detect_format(path: Path, first: dict) -> str:
 
 
 def read_file(spec: str, fmt: str = "auto") -> list[Example]:
-    """Read one dataset file (or a hub id when the path does not exist) into Examples."""
+    """Read one dataset file into Examples; `NAME:SPLIT` reads split SPLIT of a `datasets` dataset: a hub id such
+    as `rajpurkar/squad:train` (needs network or a local HF cache) or a local directory in the HF layout."""
     path = Path(spec).expanduser()
     if not path.exists():
-        if "/" in spec and not spec.startswith((".", "/", "~")) and not path.suffix:
-            return read_hub_dataset(spec)
+        name, sep, split = spec.rpartition(":")
+        if sep and split and (Path(name).expanduser().is_dir() or _looks_like_hub_id(name)):
+            return read_hub_dataset(name, split)
+        if _looks_like_hub_id(spec):
+            raise DataError(f"dataset id {spec!r} names no split: write {spec}:train or {spec}:validation")
         raise DataError(f"dataset file not found: {spec}")
+    if path.is_dir():
+        raise DataError(f"{spec} is a directory: name a file, or a split of a datasets directory as {spec}:train")
     if path.stat().st_size == 0:
         raise DataError(f"dataset file is empty: {path}")
     if path.suffix == ".json" and fmt in ("auto", "squad"):
@@ -182,21 +191,26 @@ def read_file(spec: str, fmt: str = "auto") -> list[Example]:
     return _rows_to_examples(path, _read_jsonl(path), fmt)
 
 
+def _looks_like_hub_id(spec: str) -> bool:
+    return "/" in spec and not spec.startswith((".", "/", "~")) and not Path(spec).suffix
+
+
 def _read_with_datasets(path: Path, kind: str) -> list[dict]:
     import datasets
 
     return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
 
 
-def read_hub_dataset(name: str, split: str = "validation") -> list[Example]:
-    """A hub dataset id (needs network or a local HF cache)."""
+def read_hub_dataset(name: str, split: str) -> list[Example]:
+    """Split `split` of a `datasets` dataset: a hub id, or a local directory in the HF layout."""
     import datasets
 
     try:
         rows = datasets.load_dataset(name, split=split)
     except Exception as err:  # the hub client raises many types; re-raise with the culprit named
-        raise DataError(f"cannot load dataset id {name!r} (offline, or not a dataset): {err}") from err
-    return _rows_to_examples(Path(name), list(rows), "auto")
+        raise DataError(f"cannot load split {split!r} of dataset {name!r} (offline, no such split, or not a "
+                        f"dataset): {err}") from err
+    return _rows_to_examples(Path(f"{name}:{split}"), list(rows), "auto")
 
 
 def _rows_to_examples(path: Path, rows: list[dict], fmt: str) -> list[Example]:
@@ -221,18 +235,72 @@ def _rows_to_examples(path: Path, rows: list[dict], fmt: str) -> list[Example]:
 # split, mixing, order
 
 
-def split_by_article(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Deterministic split: whole articles go to eval, so no context is shared between the two sides."""
-    articles = sorted({ex.article for ex in examples})
-    random.Random(seed).shuffle(articles)
-    n_eval = max(1, round(len(articles) * eval_fraction)) if len(articles) > 1 else 0
-    held = set(articles[:n_eval])
-    train = [ex for ex in examples if ex.article not in held]
-    evals = [ex for ex in examples if ex.article in held]
-    if not train or not evals:
-        raise DataError(f"split by article left an empty side ({len(train)} train, {len(evals)} eval) from "
-                        f"{len(articles)} articles; add data or set data.eval_files")
-    return train, evals
+def normalize_text(text: str) -> str:
+    """Lower case, white space collapsed: the form in which two splits are compared by content."""
+    return " ".join(text.lower().split())
+
+
+def split_by_group(examples: list[Example], fraction: float, seed: int,
+                   what: str = "held-out") -> tuple[list[Example], list[Example]]:
+    """Deterministic split by grouping key (`Example.article`: the article title for SQuAD, the person asked about
+    in the toy world, the normalised question for HotpotQA and NQ): whole groups go to the held-out side, so no
+    group is shared between the two sides. Returns (rest, held)."""
+    groups = sorted({ex.article for ex in examples})
+    random.Random(seed).shuffle(groups)
+    n_held = max(1, round(len(groups) * fraction)) if len(groups) > 1 else 0
+    held_groups = set(groups[:n_held])
+    rest = [ex for ex in examples if ex.article not in held_groups]
+    held = [ex for ex in examples if ex.article in held_groups]
+    if not rest or not held:
+        raise DataError(f"cutting the {what} split by group left an empty side ({len(rest)} kept, {len(held)} "
+                        f"{what}) from {len(groups)} groups; add data or name the split's files")
+    return rest, held
+
+
+class Splits(NamedTuple):
+    """The three disjoint splits: train; validation (periodic evaluation, best checkpoint, every decision taken
+    during training); test (the final evaluation only)."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def _content_keys(examples: list[Example]) -> tuple[set, set]:
+    pairs = {(normalize_text(ex.question), normalize_text(ex.context)) for ex in examples}
+    return pairs, {ex.article for ex in examples}
+
+
+def check_disjoint(splits: Splits) -> None:
+    """Raise DataError if two splits share a normalised (question, context) pair or a grouping key."""
+    keys = {name: _content_keys(getattr(splits, name)) for name in Splits._fields}
+    for i, a in enumerate(Splits._fields):
+        for b in Splits._fields[i + 1:]:
+            pairs, groups = keys[a][0] & keys[b][0], keys[a][1] & keys[b][1]
+            if pairs or groups:
+                example = sorted(pairs)[0] if pairs else sorted(groups)[0]
+                raise DataError(f"the {a} and {b} splits overlap: {len(pairs)} (question, context) pairs and "
+                                f"{len(groups)} grouping keys in common (e.g. {str(example)[:120]!r}); a number "
+                                "measured on such a split would not be honest. Use disjoint files.")
+
+
+def split_digest(examples: list[Example]) -> dict:
+    """{"n", "sha256"} of a split: the hash is over its sorted example ids, so two runs can show they used the
+    same examples."""
+    ids = "\n".join(sorted(ex.id for ex in examples))
+    return {"n": len(examples), "sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest()}
+
+
+def split_spec(data_cfg) -> dict:
+    """Where each split comes from, without reading anything (what `--dry_run` records)."""
+    train_files = data_cfg.train_files or [str(EMBEDDED_SQUAD)]
+    test = (list(data_cfg.eval_files) if data_cfg.eval_files
+            else f"cut from the training files by group, data.eval_fraction={data_cfg.eval_fraction}")
+    val = (list(data_cfg.val_files) if data_cfg.val_files
+           else f"cut from the training files by group, data.val_fraction={data_cfg.val_fraction}")
+    return {"train": {"files": list(train_files), "minus": "the validation and test groups cut from them"},
+            "validation": {"files": val} if isinstance(val, list) else {"cut": val},
+            "test": {"files": test} if isinstance(test, list) else {"cut": test}}
 
 
 def mix(sources: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
@@ -251,17 +319,23 @@ def mix(sources: list[list[Example]], weights: list[float], seed: int) -> list[E
     return out
 
 
-def load_splits(data_cfg) -> tuple[list[Example], list[Example]]:
+def load_splits(data_cfg) -> Splits:
+    """Train, validation and test as `data_cfg` names them (see `split_spec`), checked disjoint by content."""
     files = data_cfg.train_files or [str(EMBEDDED_SQUAD)]
-    sources = [read_file(f, data_cfg.format) for f in files]
-    train = mix(sources, data_cfg.mix_weights, data_cfg.seed)
+    train = mix([read_file(f, data_cfg.format) for f in files], data_cfg.mix_weights, data_cfg.seed)
     if data_cfg.eval_files:
-        evals = [ex for f in data_cfg.eval_files for ex in read_file(f, data_cfg.format)]
+        test = [ex for f in data_cfg.eval_files for ex in read_file(f, data_cfg.format)]
     else:
-        train, evals = split_by_article(train, data_cfg.eval_fraction, data_cfg.seed)
+        train, test = split_by_group(train, data_cfg.eval_fraction, data_cfg.seed, "test")
+    if data_cfg.val_files:
+        validation = [ex for f in data_cfg.val_files for ex in read_file(f, data_cfg.format)]
+    else:
+        train, validation = split_by_group(train, data_cfg.val_fraction, data_cfg.seed + 1, "validation")
     if data_cfg.max_train_examples:
         train = train[: data_cfg.max_train_examples]
-    return train, evals
+    splits = Splits(train, validation, test)
+    check_disjoint(splits)
+    return splits
 
 
 def example_index(position: int, n: int, seed: int) -> int:
@@ -282,6 +356,15 @@ def micro_batch_indices(step: int, micro: int, accum_index: int, grad_accum: int
 
 # ----------------------------------------------------------------------------------------------------------------
 # prompt + collation
+
+
+def prompt_parts(ex: Example, max_bytes: int) -> tuple[str, str]:
+    """(context, question) as `prompt_text` lays them out within max_bytes: the context cut at a UTF-8 boundary
+    so the whole prompt fits (the budget baselines start from this same context)."""
+    overhead = len(PROMPT_TEMPLATE.format(context="", question=ex.question).encode("utf-8"))
+    if len(ex.context.encode("utf-8")) + overhead <= max_bytes:
+        return ex.context, ex.question
+    return ex.context.encode("utf-8")[:max(0, max_bytes - overhead)].decode("utf-8", errors="ignore"), ex.question
 
 
 def prompt_text(ex: Example, max_bytes: int, stats: DataStats | None = None) -> str:

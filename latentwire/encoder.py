@@ -22,7 +22,9 @@ class Attention(nn.Module):
     """Multi-head attention from `x` (B, Lq, d) to `context` (B, Lk, d) with a key padding mask.
 
     Written with plain Linear modules (called as modules) rather than nn.MultiheadAttention, whose functional
-    path reads `out_proj` weights outside a module call — which ZeRO-3's parameter fetching cannot see.
+    path reads `out_proj` weights outside a module call — which ZeRO-3's parameter fetching cannot see. The keys
+    have no bias: a key bias adds q.b to every logit of a query's row, which softmax ignores, so its true gradient
+    is zero and AdamW would only amplify rounding noise into it.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
@@ -30,7 +32,8 @@ class Attention(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,8 @@ class Attention(nn.Module):
         lk = context.shape[1]
         h, dh = self.n_heads, d // self.n_heads
         q = self.q(x).view(b, lq, h, dh).transpose(1, 2)
-        k, v = self.kv(context).view(b, lk, 2, h, dh).permute(2, 0, 3, 1, 4)
+        k = self.k(context).view(b, lk, h, dh).transpose(1, 2)
+        v = self.v(context).view(b, lk, h, dh).transpose(1, 2)
         keep = ~pad_mask[:, None, None, :]  # True where a key may be attended to
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, lq, d))

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 import zstandard
 
 import kernels
-from latentwire import metrics, wire
+from latentwire import baselines, metrics, wire
 from latentwire.config import EVAL_METRIC_KEYS, parse_metric_name
-from latentwire.data import DataStats, Example, _pad, prompt_text
+from latentwire.data import PROMPT_TEMPLATE, DataStats, Example, _pad, prompt_parts, prompt_text
 from latentwire.encoder import bytes_to_tensor
 from latentwire.features import latent_context
 from latentwire.model import LatentWire
@@ -48,14 +48,15 @@ from latentwire.distributed import gathered
 from latentwire.receivers import Receiver
 
 REPLAY_PATHS = ("embed_raw", "embed_anchor", "embed_resampled")
-BYTE_BUDGET_PRECISION = "int8"
+BUDGET_PATHS = ("token_budget", "byte_budget", "closed_book")  # text-side baselines (latentwire/baselines.py)
 BITS = {"fp16": 16, "int8": 8, "int4": 4}
 
 
 def eval_paths(ev) -> list[str]:
     """The paths a full evaluation runs, in report order."""
-    paths = ["text", "latent"] + [f"latent_{p}" for p in ev.precisions if p != ev.wire_precision]
-    paths += ["token_budget", "byte_budget"]
+    others = [p for p in ev.precisions if p != ev.wire_precision]
+    paths = ["text", "latent"] + [f"latent_{p}" for p in others]
+    paths += ["token_budget", "byte_budget"] + [f"byte_budget_{p}" for p in others] + ["closed_book"]
     if ev.embed_replay:
         paths += list(REPLAY_PATHS)
     return list(dict.fromkeys(paths))
@@ -68,6 +69,20 @@ def path_precision(path: str, ev) -> str | None:
     if path.startswith("latent_"):
         return path[len("latent_"):]
     return None
+
+
+def budget_precision(path: str, ev) -> str | None:
+    """The wire precision whose payload bytes a byte-budget path may spend (None for other paths)."""
+    if path == "byte_budget":
+        return ev.wire_precision
+    if path.startswith("byte_budget_"):
+        return path[len("byte_budget_"):]
+    return None
+
+
+def is_text_side(path: str) -> bool:
+    """Paths that feed the receiver token ids of a text it reads (recorded in predictions.jsonl `inputs`)."""
+    return path == "text" or path in BUDGET_PATHS or path.startswith("byte_budget_")
 
 
 def _sync() -> None:
@@ -130,48 +145,61 @@ def resampled_inputs(model: LatentWire, name: str, prompt_rows: list[list[int]])
     return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
 
 
-def _cut_utf8(text: str, n_bytes: int) -> str:
-    return text.encode("utf-8")[:n_bytes].decode("utf-8", errors="ignore")
+def text_side_prompt(model: LatentWire, name: str, path: str, ex: Example, payload_bytes: dict) -> tuple[str, bool]:
+    """(the text receiver `name` reads on text-side `path` for example `ex`, whether the budget was overrun)."""
+    cfg = model.cfg
+    context, question = prompt_parts(ex, cfg.data.max_prompt_bytes)
+    if path == "text":
+        return PROMPT_TEMPLATE.format(context=context, question=question), False
+    if path == "closed_book":
+        return baselines.closed_book_prompt(question), False
+    if path == "token_budget":
+        m_read = cfg.encoder.m_shared + cfg.encoder.m_private  # the slots this receiver reads
+        return baselines.token_budget_prompt(context, question, model.receivers[name].contract.encode, m_read)
+    precision = budget_precision(path, cfg.eval)
+    if precision is None:
+        raise ValueError(f"unknown evaluation path {path!r}")
+    return baselines.byte_budget_prompt(context, question, payload_bytes[precision])
 
 
-def path_inputs(model: LatentWire, name: str, path: str, prompts: list[str], latents: dict,
-                payload_lens: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
-    """(inputs_embeds (B, L, H), mask (B, L), input_ids (B, L) or None, bytes each row transmits) for one path.
+def path_inputs(model: LatentWire, name: str, path: str, examples: list[Example], latents: dict,
+                payload_lens: dict) -> dict:
+    """What receiver `name` reads on `path` for a batch: {"embeds" (B, L, H), "mask" (B, L), "ids" (B, L) or
+    None, "bytes": what each row transmits, "texts": the text each row read (text-side paths) or None,
+    "overruns": rows whose budget could not hold the question}.
 
     `latents` maps precision -> decoded z (B, M_total, d_z); `payload_lens` precision -> payload bytes per row.
-    Rows are left-padded. Token-id paths (text, token_budget, byte_budget) also return their ids, so generation
-    runs from ids exactly as a plain text prompt would.
-    """
+    Rows are left-padded. Token-id paths also return their ids, so generation runs from ids exactly as a plain
+    text prompt would."""
     cfg = model.cfg
     receiver = model.receivers[name]
-    contract = receiver.contract
-    device = receiver.device
+    contract, device = receiver.contract, receiver.device
+    prompts = [prompt_text(ex, cfg.data.max_prompt_bytes) for ex in examples]
     utf8 = [len(p.encode("utf-8")) for p in prompts]
+    out = {"ids": None, "bytes": utf8, "texts": None, "overruns": 0}
     precision = path_precision(path, cfg.eval)
     if precision is not None:
-        embeds, mask = latent_inputs(model, name, latents[precision])
-        return embeds, mask, None, list(payload_lens[precision])
+        out["embeds"], out["mask"] = latent_inputs(model, name, latents[precision])
+        out["bytes"] = list(payload_lens[precision])
+        return out
     if path == "embed_resampled":
-        embeds, mask = resampled_inputs(model, name, [contract.encode(p) for p in prompts])
-        return embeds, mask, None, utf8
-    if path == "embed_anchor":
-        rows = [contract.encode(p) + contract.latent_prefix_ids() for p in prompts]
+        out["embeds"], out["mask"] = resampled_inputs(model, name, [contract.encode(p) for p in prompts])
+        return out
+    if path in ("embed_anchor", "embed_raw"):
+        rows = ([contract.encode(p) + contract.latent_prefix_ids() for p in prompts] if path == "embed_anchor"
+                else [contract.text_prefix_ids(p) for p in prompts])
         ids, mask = _pad(rows, contract.pad_id, left=True)
-        return receiver.embed(ids.to(device)), mask.to(device), None, utf8
-    if path in ("text", "embed_raw"):
-        rows, nbytes = [contract.text_prefix_ids(p) for p in prompts], utf8
-    elif path == "token_budget":
-        m_read = cfg.encoder.m_shared + cfg.encoder.m_private
-        rows = [contract.text_prefix_ids(p, max_prompt_tokens=m_read) for p in prompts]
-        nbytes = [len(receiver.tokenizer.decode(contract.encode(p)[:m_read]).encode("utf-8")) for p in prompts]
-    elif path == "byte_budget":
-        cuts = [_cut_utf8(p, n) for p, n in zip(prompts, payload_lens[BYTE_BUDGET_PRECISION])]
-        rows, nbytes = [contract.text_prefix_ids(c) for c in cuts], [len(c.encode("utf-8")) for c in cuts]
-    else:
-        raise ValueError(f"unknown evaluation path {path!r}")
-    ids, mask = _pad(rows, contract.pad_id, left=True)
-    ids, mask = ids.to(device), mask.to(device)
-    return receiver.embed(ids), mask, (None if path == "embed_raw" else ids), nbytes
+        out["embeds"], out["mask"] = receiver.embed(ids.to(device)), mask.to(device)
+        return out
+    fitted = [text_side_prompt(model, name, path, ex, {p: lens[i] for p, lens in payload_lens.items()})
+              for i, ex in enumerate(examples)]
+    out["texts"] = [text for text, _ in fitted]
+    out["overruns"] = sum(over for _, over in fitted)
+    out["bytes"] = [len(text.encode("utf-8")) for text in out["texts"]]
+    ids, mask = _pad([contract.text_prefix_ids(t) for t in out["texts"]], contract.pad_id, left=True)
+    out["ids"], out["mask"] = ids.to(device), mask.to(device)
+    out["embeds"] = receiver.embed(out["ids"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,6 +289,7 @@ class Tally:
     precisions: list[str]
     recs: dict = field(default_factory=dict)  # receiver -> path -> field -> [value per example]
     latency: dict = field(default_factory=dict)  # receiver -> path -> {"prefill_ms": [...], "decode_ms_per_token"}
+    overruns: dict = field(default_factory=dict)  # receiver -> budget path -> rows whose question overran the budget
     prompt_tokens: dict = field(default_factory=dict)  # receiver -> [tokens per prompt]
     payload_bytes: dict = field(default_factory=dict)  # precision -> [bytes per example]
     text_utf8: list = field(default_factory=list)
@@ -270,26 +299,28 @@ class Tally:
         fields_ = ("em", "f1", "nll", "top1", "top5", "bytes")
         self.recs = {n: {p: {f: [] for f in fields_} for p in self.paths} for n in self.names}
         self.latency = {n: {p: {"prefill_ms": [], "decode_ms_per_token": []} for p in self.paths} for n in self.names}
+        self.overruns = {n: {} for n in self.names}
         self.prompt_tokens = {n: [] for n in self.names}
         self.payload_bytes = {p: [] for p in self.precisions}
 
 
 def _wire_precisions(ev, paths: list[str]) -> tuple[list[str], list[str]]:
     """(precisions whose payloads are built: the reported ones plus those a path needs, the ones decoded)."""
-    needed = [path_precision(p, ev) for p in paths if path_precision(p, ev)]
-    if "byte_budget" in paths:
-        needed.append(BYTE_BUDGET_PRECISION)
-    return list(dict.fromkeys(list(ev.precisions) + needed)), list(dict.fromkeys(needed))
+    decoded = [path_precision(p, ev) for p in paths if path_precision(p, ev)]
+    spent = [budget_precision(p, ev) for p in paths if budget_precision(p, ev)]
+    return list(dict.fromkeys(list(ev.precisions) + decoded + spent)), list(dict.fromkeys(decoded))
 
 
 @torch.no_grad()
-def evaluate_batch(model: LatentWire, prompts: list[str], golds: list[list[str]], rows: list[dict], tally: Tally,
-                   synced: bool, latency: bool) -> None:
+def evaluate_batch(model: LatentWire, examples: list[Example], rows: list[dict], tally: Tally, synced: bool,
+                   latency: bool) -> None:
     """Encode one batch of prompts, send it through the real wire at every precision, and run every receiver on
     every path of `tally`: greedy generation, teacher-forced scoring of the gold answer, optional timing.
-    Appends to `tally` and fills each row's "predictions"."""
+    Appends to `tally` and fills each row's "predictions" and "inputs" (the text each text-side path read)."""
     cfg, ev = model.cfg, model.cfg.eval
     device = next(model.encoder.parameters()).device
+    prompts = [prompt_text(ex, cfg.data.max_prompt_bytes) for ex in examples]
+    golds = [ex.answers for ex in examples]
     encoded = [p.encode("utf-8") for p in prompts]
     zstd = zstandard.ZstdCompressor(level=19)
     tally.text_utf8 += [len(b) for b in encoded]
@@ -306,8 +337,9 @@ def evaluate_batch(model: LatentWire, prompts: list[str], golds: list[list[str]]
     for name, receiver in model.receivers.items():
         tally.prompt_tokens[name] += [len(receiver.contract.encode(p)) for p in prompts]
         for path in tally.paths:
-            embeds, mask, ids, nbytes = path_inputs(model, name, path, prompts, latents, payload_lens)
-            gen_kwargs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
+            inp = path_inputs(model, name, path, examples, latents, payload_lens)
+            embeds, mask = inp["embeds"], inp["mask"]
+            gen_kwargs = {"input_ids": inp["ids"]} if inp["ids"] is not None else {"inputs_embeds": embeds}
             precision = path_precision(path, ev)
             # Receiver-side features (LoRA, KV prefixes, latent adapters) see the latent on latent paths only.
             with latent_context(model, name, latents[precision]) if precision else contextlib.nullcontext():
@@ -318,16 +350,36 @@ def evaluate_batch(model: LatentWire, prompts: list[str], golds: list[list[str]]
                         tally.latency[name][path]["prefill_ms"].append(prefill)
                         tally.latency[name][path]["decode_ms_per_token"].append(decode)
                 nll, _, top1, top5 = score_answers(receiver, model.heads[name], embeds, mask, [g[0] for g in golds])
+            if inp["texts"] is not None:
+                tally.overruns[name][path] = tally.overruns[name].get(path, 0) + inp["overruns"]
             rec = tally.recs[name][path]
-            for row, t, gold in zip(rows, tokens, golds):
+            for i, (row, t, gold) in enumerate(zip(rows, tokens, golds)):
                 pred = receiver.decode(t)
                 row["predictions"].setdefault(name, {})[path] = pred
+                if inp["texts"] is not None:
+                    row.setdefault("inputs", {}).setdefault(name, {})[path] = inp["texts"][i]
                 rec["em"].append(metrics.exact_match(pred, gold))
                 rec["f1"].append(metrics.f1_score(pred, gold))
             rec["nll"] += nll
             rec["top1"] += [float(x) for x in top1]
             rec["top5"] += [float(x) for x in top5]
-            rec["bytes"] += [float(b) for b in nbytes]
+            rec["bytes"] += [float(b) for b in inp["bytes"]]
+
+
+def compression(tally: Tally, m_read: int, n_slots: int) -> dict:
+    """Per receiver, what the latent saves, each ratio with its denominator named:
+    tokens_read = mean prompt tokens / slots that receiver reads; tokens_sent = mean prompt tokens / all slots on
+    the wire (shared + every receiver's private); bytes_utf8 / bytes_zstd = mean prompt bytes (UTF-8, or each
+    prompt zstd-19 alone) / mean payload bytes, header included, per wire precision."""
+    utf8, zstd = statistics.fmean(tally.text_utf8), statistics.fmean(tally.text_zstd)
+    payload = {p: statistics.fmean(v) for p, v in tally.payload_bytes.items()}
+    out = {}
+    for name, tokens in tally.prompt_tokens.items():
+        mean_tokens = statistics.fmean(tokens)
+        out[name] = {"tokens_read": mean_tokens / m_read, "tokens_sent": mean_tokens / n_slots,
+                     "bytes_utf8": {p: utf8 / b for p, b in payload.items()},
+                     "bytes_zstd": {p: zstd / b for p, b in payload.items()}}
+    return out
 
 
 def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: dict, features: list[str] | None,
@@ -343,6 +395,8 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
         for path in tally.paths:
             entry = _summary(tally.recs[name][path], everyone)
             entry["by_source"] = {src: _summary(tally.recs[name][path], idx) for src, idx in by_source.items()}
+            if path in tally.overruns[name]:  # budget rows whose question alone did not fit (kept whole)
+                entry["budget_overruns"] = tally.overruns[name][path]
             result[name][path] = entry
     n_slots = model.encoder.n_slots
     m_read = cfg.encoder.m_shared + cfg.encoder.m_private
@@ -356,6 +410,7 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
         "text_bytes_zstd": statistics.fmean(tally.text_zstd),
         "token_compression": {n: statistics.fmean(tally.prompt_tokens[n]) / m_read for n in model.names},
         "slots_per_receiver": m_read,
+        "compression": compression(tally, m_read, n_slots),
     }
     result["latency"] = ({n: {p: {k: _median_p90(v) for k, v in tally.latency[n][p].items()} for p in tally.paths}
                           for n in model.names} if latency else {})
@@ -373,9 +428,11 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
 
 @torch.no_grad()
 def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, features: list[str] | None = None,
-             paths: list[str] | None = None, max_examples: int | None = None, latency: bool = True):
-    """Evaluate every receiver on `paths` (default: `eval_paths(cfg.eval)`). Returns (metrics dict in the
-    contract layout, one predictions row per example).
+             paths: list[str] | None = None, max_examples: int | None = None, latency: bool = True,
+             split: str = "test"):
+    """Evaluate every receiver on `paths` (default: `eval_paths(cfg.eval)`) over `examples`, which are the split
+    named `split` ("test" or "validation", recorded in the result). Returns (metrics dict in the contract layout,
+    one predictions row per example).
 
     Every rank must call this with the same arguments when the receivers are ZeRO-3 partitioned (`synced`).
     """
@@ -390,12 +447,12 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
     tally = Tally(paths, list(model.names), list(ev.precisions))
     stats = {src: DataStats() for src in dict.fromkeys(ex.source for ex in examples)}
     rows = [{"id": ex.id, "source": ex.source, "answers": ex.answers, "predictions": {}} for ex in examples]
+    for ex in examples:  # count truncations once per example
+        prompt_text(ex, cfg.data.max_prompt_bytes, stats[ex.source])
     for start in range(0, len(examples), ev.batch_size):
         chunk = examples[start:start + ev.batch_size]
-        prompts = [prompt_text(ex, cfg.data.max_prompt_bytes, stats[ex.source]) for ex in chunk]
-        evaluate_batch(model, prompts, [ex.answers for ex in chunk], rows[start:start + len(chunk)], tally,
-                       synced, latency)
-    result = summarise(model, tally, examples, stats, features, latency)
+        evaluate_batch(model, chunk, rows[start:start + len(chunk)], tally, synced, latency)
+    result = {"split": split, **summarise(model, tally, examples, stats, features, latency)}
     model.train(was_training)
     return result, rows
 
@@ -421,8 +478,8 @@ def metric_value(result: dict, metric: str) -> float:
 
 @torch.no_grad()
 def periodic_eval(model: LatentWire, examples: list[Example], step: int, synced: bool = False) -> dict:
-    """A quick held-out evaluation during training: `eval.periodic_examples` examples, the `latent` path plus
-    the path `eval.best_metric` names, no latency. Every rank must call it with the same arguments.
+    """A quick evaluation on the VALIDATION split during training: `eval.periodic_examples` examples, the `latent`
+    path plus the path `eval.best_metric` names, no latency. Every rank must call it with the same arguments.
 
     Returns {"step", "metric", "value", "log": {"eval/<path>_<key>/<receiver>": v, "eval/<metric>": value}}.
     """
@@ -432,7 +489,7 @@ def periodic_eval(model: LatentWire, examples: list[Example], step: int, synced:
         path = "latent"
     paths = list(dict.fromkeys(["latent", path]))
     result, _ = evaluate(model, examples, synced=synced, paths=paths,
-                         max_examples=ev.periodic_examples or ev.max_examples, latency=False)
+                         max_examples=ev.periodic_examples or ev.max_examples, latency=False, split="validation")
     value = metric_value(result, ev.best_metric)
     log = {f"eval/{p}_{k}/{n}": result[n][p][k] for n in model.names for p in paths for k in EVAL_METRIC_KEYS}
     log[f"eval/{ev.best_metric}"] = value

@@ -29,8 +29,8 @@ import torch
 
 from latentwire.distributed import any_rank
 
-OOM_RESTART_EXIT_CODE = 75
-REQUEUE_EXIT_CODE = 76
+from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: F401  (raised with Relaunch)
+
 RUN_STATE_FILE = "run_state.json"
 
 

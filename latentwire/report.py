@@ -18,7 +18,7 @@ from pathlib import Path
 REPORT_FILE = "report.md"
 EM_PLOT = "em_by_path.png"
 CURVES_PLOT = "training_curves.png"
-CONTRACT_PATHS = ("text", "latent", "token_budget")  # the paths every metrics.json has (older ones lack "paths")
+CONTRACT_PATHS = ("text", "latent", "token_budget", "closed_book")  # the paths every metrics.json has (older ones lack "paths")
 
 
 def _paths(result: dict) -> list[str]:

@@ -295,7 +295,9 @@ def cache_manifest(cfg: Config, receiver_name: str, contract, teacher_path: str,
             **expected_manifest(cfg, contract, vocab), "top_k": int(top_k), "n_examples": int(n_examples),
             "shards": shards,
             "data": {"train_files": list(cfg.data.train_files), "format": cfg.data.format, "seed": cfg.data.seed,
-                     "eval_fraction": cfg.data.eval_fraction, "max_train_examples": cfg.data.max_train_examples}}
+                     "eval_files": list(cfg.data.eval_files), "eval_fraction": cfg.data.eval_fraction,
+                     "val_files": list(cfg.data.val_files), "val_fraction": cfg.data.val_fraction,
+                     "max_train_examples": cfg.data.max_train_examples}}
 
 
 def expected_manifest(cfg: Config, contract, vocab: int) -> dict:

@@ -11,7 +11,8 @@ LatentWire then has to carry through its latent (`launch/toy_benchmark.sh`). One
 - The answer is a one-word span copied from the context; values are drawn per example, without replacement, so
   the same person keeps different things in different examples: the question alone never determines the answer.
 - People are (first, last) name pairs. The 16 x 16 = 256 full names are split once, deterministically, into train
-  and held-out sets: no held-out person ever appears in training (every first and last name word does, so the
+  (192) and held-out people (64), and the held-out ones into validation (32) and test (32): no held-out person ever
+  appears in training, and validation and test share no one (every first and last name word does, so the
   receivers' tokenizers and embeddings know the pieces). Within one context first names and last names are
   distinct, so a fact is identified by either half of the name.
 - The asked fact is drawn uniformly among the n, so a reader that sees only the head of the prompt (the
@@ -20,7 +21,8 @@ LatentWire then has to carry through its latent (`launch/toy_benchmark.sh`). One
 Files are written in the official SQuAD v1.1 JSON layout (one article per example, `answer_start` set), so the
 normal data path (`latentwire.data.read_file`) and the official metric read them unchanged:
 
-    python -m latentwire.toy --out runs/toy/data [--n_train 20000 --n_eval 512 --facts 1-8 --eval_facts 8 --seed 0]
+    python -m latentwire.toy --out runs/toy/data [--n_train 20000 --n_val 256 --n_test 512 --facts 1-8 \
+        --eval_facts 8 --seed 0]     # -> train.json, val.json, test.json
 
 Everything is a pure function of the seed: the same command writes the same bytes.
 """
@@ -73,6 +75,16 @@ def people_split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return train, held
 
 
+def people_splits() -> dict[str, list[tuple[str, str]]]:
+    """{"train", "validation", "test"}: the held-out people of `people_split` cut in two halves, so validation
+    (model selection, curriculum decisions) and test (the reported numbers) share no person either."""
+    train, held = people_split()
+    held = list(held)
+    random.Random(SPLIT_SEED + 1).shuffle(held)
+    half = len(held) // 2
+    return {"train": train, "validation": sorted(held[:half]), "test": sorted(held[half:])}
+
+
 def _pick_people(rng: random.Random, people: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
     """n people with pairwise distinct first names and distinct last names (rejection sampling, always succeeds
     quickly for n <= 8 out of 16 x 16)."""
@@ -121,41 +133,55 @@ def make_split(n: int, people: list[tuple[str, str]], facts: list[int], seed: in
     return [make_example(rng, people, rng.choice(facts)) for _ in range(n)]
 
 
+def asked_person(question: str) -> str:
+    """'What does Gus Vale have?' -> 'Gus Vale': the grouping key of the splits."""
+    return " ".join(question.split()[2:4])
+
+
 def to_squad(examples: list[ToyExample], prefix: str) -> dict:
-    """The official SQuAD v1.1 layout, one article (and one paragraph) per example."""
+    """The official SQuAD v1.1 layout, one article (and one paragraph) per example; the article title is the
+    person asked about, the key by which splits are kept apart."""
     data = []
     for i, ex in enumerate(examples):
         qa = {"id": f"{prefix}-{i:06d}", "question": ex.question,
               "answers": [{"answer_start": ex.answer_start, "text": ex.answer}]}
-        data.append({"title": f"{prefix}-{i:06d}", "paragraphs": [{"context": ex.context, "qas": [qa]}]})
+        data.append({"title": asked_person(ex.question), "paragraphs": [{"context": ex.context, "qas": [qa]}]})
     return {"data": data, "version": "1.1"}
 
 
-def write_splits(out: str | Path, n_train: int = 20000, n_eval: int = 512, facts: str = "1-8",
+SPLIT_FILES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
+
+
+def write_splits(out: str | Path, n_train: int = 20000, n_val: int = 256, n_test: int = 512, facts: str = "1-8",
                  eval_facts: str = "8", seed: int = 0) -> dict[str, Path]:
-    """Write `train.json` (train people) and `eval.json` (held-out people) under `out`; return their paths."""
+    """Write `train.json`, `val.json` and `test.json` under `out`, each from its own people and its own seed;
+    return {split: path}. Validation and test have `eval_facts` facts per example."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_people, held_people = people_split()
-    splits = {"train": make_split(n_train, train_people, parse_facts(facts), seed),
-              "eval": make_split(n_eval, held_people, parse_facts(eval_facts), seed + 1_000_003)}
+    people = people_splits()
+    sizes = {"train": n_train, "validation": n_val, "test": n_test}
     paths = {}
-    for name, examples in splits.items():
-        paths[name] = out / f"{name}.json"
-        paths[name].write_text(json.dumps(to_squad(examples, f"toy-{name}")) + "\n", encoding="utf-8")
+    for i, (name, filename) in enumerate(SPLIT_FILES.items()):
+        examples = make_split(sizes[name], people[name], parse_facts(facts if name == "train" else eval_facts),
+                              seed + i * 1_000_003)
+        paths[name] = out / filename
+        tmp = paths[name].with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(to_squad(examples, f"toy-{name}")) + "\n", encoding="utf-8")
+        tmp.replace(paths[name])
     return paths
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory for train.json and eval.json")
+    parser.add_argument("--out", required=True, help="directory for train.json, val.json and test.json")
     parser.add_argument("--n_train", type=int, default=20000)
-    parser.add_argument("--n_eval", type=int, default=512)
+    parser.add_argument("--n_val", type=int, default=256)
+    parser.add_argument("--n_test", type=int, default=512)
     parser.add_argument("--facts", default="1-8", help="facts per training example: N, LO-HI or a,b,c")
-    parser.add_argument("--eval_facts", default="8", help="facts per held-out example")
+    parser.add_argument("--eval_facts", default="8", help="facts per validation and test example")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, path in write_splits(args.out, args.n_train, args.n_eval, args.facts, args.eval_facts,
+    for name, path in write_splits(args.out, args.n_train, args.n_val, args.n_test, args.facts, args.eval_facts,
                                    args.seed).items():
         print(f"{name}\t{path}")
 

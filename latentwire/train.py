@@ -49,8 +49,7 @@ class Run:
     ds_config: dict
     engine: object
     model: LatentWire
-    train_examples: list
-    eval_examples: list
+    splits: data_lib.Splits  # train / validation (everything decided during training) / test (the final eval)
     faults: faults.FaultInjection
     start_step: int = 0
     stats: data_lib.DataStats = field(default_factory=data_lib.DataStats)
@@ -82,7 +81,7 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)
     config_lib.check_resumable(out / "config.json", cfg, allow_config_change)
-    train_examples, eval_examples = data_lib.load_splits(cfg.data)
+    splits = data_lib.load_splits(cfg.data)
 
     # The batch layout may have been halved by an OOM in an earlier process of this run; it always keeps the
     # configured examples per rank, so the global batch (and the data order) never changes.
@@ -110,7 +109,7 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
     out.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
 
     engine = build_engine(model, ds_config, cfg, curriculum.stage_start(cfg, stage))
-    run = Run(cfg, out, rank, world, ds_config, engine, model, train_examples, eval_examples,
+    run = Run(cfg, out, rank, world, ds_config, engine, model, splits,
               faults.FaultInjection.from_env(state, rank), micro_batch=micro, grad_accum=accum,
               oom_events=state.get("oom_events", 0))
     _guard_steps(run)
@@ -189,7 +188,7 @@ def write_run_info(run: Run, per_rank: list[int]) -> None:
         "frozen_fraction_per_rank": [b / total for b in per_rank] if total else [],
         "trainable_params": sum(p.ds_numel if is_partitioned(p) else p.numel()
                                 for p in run.model.trainable_parameters()),
-        "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
+        "splits": {name: data_lib.split_digest(examples) for name, examples in run.splits._asdict().items()},
         "prompts_truncated": run.stats.prompts_truncated, "invalid_utf8": run.stats.invalid_utf8,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__,
@@ -246,10 +245,11 @@ def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict) -> None:
     """Point checkpoints/best at this step when its evaluation metric beats the best so far (all ranks agree,
     and all have read best.json before rank 0 rewrites it)."""
     root = run.out / "checkpoints"
-    if any_rank(ckpt.is_better(eval_out["value"], ckpt.read_best(root), eval_out["metric"])):
+    split = data_lib.split_digest(run.splits.validation)["sha256"]
+    if any_rank(ckpt.is_better(eval_out["value"], ckpt.read_best(root), eval_out["metric"], split)):
         saved = saved or save(run, step)
         if run.is_main:
-            ckpt.update_best(root, saved, eval_out["value"], eval_out["metric"])
+            ckpt.update_best(root, saved, eval_out["value"], eval_out["metric"], split)
         barrier()
 
 
@@ -264,7 +264,7 @@ def loss_norms(run: Run, step: int, contracts: dict) -> dict[str, dict[str, floa
     Every rank computes it from the data order alone (no communication), so losses are token means over the
     global batch and the update does not depend on how it is split over ranks and micro-batches."""
     k = curriculum.k_at(run.cfg, step, run.model.curriculum_state)
-    examples = [run.train_examples[i] for accum in range(run.grad_accum) for rank in range(run.world)
+    examples = [run.splits.train[i] for accum in range(run.grad_accum) for rank in range(run.world)
                 for i in _indices(run, step, accum, rank)]
     scale = run.world * run.grad_accum
     norms = {}
@@ -276,7 +276,7 @@ def loss_norms(run: Run, step: int, contracts: dict) -> dict[str, dict[str, floa
 
 def _indices(run: Run, step: int, accum: int, rank: int) -> list[int]:
     return data_lib.micro_batch_indices(step, run.micro_batch, accum, run.grad_accum, rank, run.world,
-                                        len(run.train_examples), run.cfg.data.seed)
+                                        len(run.splits.train), run.cfg.data.seed)
 
 
 def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
@@ -288,7 +288,7 @@ def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
     diagnose = every > 0 and step % every == 0
     losses, parts_acc = [], {}
     for accum in range(run.grad_accum):
-        batch = data_lib.collate([run.train_examples[i] for i in _indices(run, step, accum, run.rank)], contracts,
+        batch = data_lib.collate([run.splits.train[i] for i in _indices(run, step, accum, run.rank)], contracts,
                                  cfg.data.max_prompt_bytes, cfg.losses.k_tokens, run.stats)
         for name, norm in norms.items():
             batch["receivers"][name].update(norm)
@@ -327,7 +327,7 @@ def train(run: Run) -> None:
     progress = _progress(run)
     step, bad_streak = run.start_step, 0
     if cfg.eval.every and cfg.eval.at_start and step == 0:  # the untrained baseline every later eval is read against
-        _log(run, {"step": 0, **periodic_eval(run.model, run.eval_examples, 0, synced=run.synced)["log"]})
+        _log(run, {"step": 0, **periodic_eval(run.model, run.splits.validation, 0, synced=run.synced)["log"]})
     while step < tr.max_steps:
         # Staged latent length: the weights move to the stage's model before its first step.
         if cfg.curriculum.m_stages:
@@ -347,7 +347,7 @@ def train(run: Run) -> None:
         row = _step_row(run, step, loss, parts, skipped, time.perf_counter() - started)
         eval_out = None
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            eval_out = periodic_eval(run.model, run.eval_examples, step + 1, synced=run.synced)
+            eval_out = periodic_eval(run.model, run.splits.validation, step + 1, synced=run.synced)
             row.update(eval_out["log"])
         _log(run, row)
         if progress is not None:
@@ -367,6 +367,13 @@ def train(run: Run) -> None:
         saved = save(run, step) if step % tr.save_every == 0 or step == tr.max_steps or requeue else None
         if eval_out is not None:
             keep_best(run, step, saved, eval_out)
+            if _target_reached(run.cfg, eval_out["value"]):  # decided on validation, identical on every rank
+                if saved is None:
+                    save(run, step)
+                if run.is_main:
+                    print(f"step {step}: validation {eval_out['metric']} = {eval_out['value']:.2f} reached "
+                          f"train.stop_at_metric={tr.stop_at_metric}; stopping", flush=True)
+                break
         if requeue and step < tr.max_steps:
             if run.is_main:
                 print(f"SIGUSR1: checkpointed step {step}; exiting with {faults.REQUEUE_EXIT_CODE} to be requeued",
@@ -375,6 +382,14 @@ def train(run: Run) -> None:
             raise faults.Relaunch(faults.REQUEUE_EXIT_CODE, f"requeue after step {step}")
     if progress is not None:
         progress.close()
+
+
+def _target_reached(cfg: config_lib.Config, value: float) -> bool:
+    """train.stop_at_metric: the periodic validation metric reached its target (at or below it for NLL)."""
+    target = cfg.train.stop_at_metric
+    if not target or value is None or math.isnan(value):
+        return False
+    return value <= target if ckpt.lower_is_better(cfg.eval.best_metric) else value >= target
 
 
 def _progress(run: Run):
@@ -478,8 +493,10 @@ def handle_oom(run: Run, where: str) -> None:
 
 
 def evaluate_run(run: Run) -> dict | None:
-    """Evaluate the in-memory model on the evaluation split; every rank runs the same work, rank 0 writes."""
-    result, rows = evaluate(run.model, run.eval_examples, synced=run.synced, features=features.active(run.cfg))
+    """Evaluate the in-memory model on the TEST split, once, at the end; every rank runs the same work, rank 0
+    writes."""
+    result, rows = evaluate(run.model, run.splits.test, synced=run.synced, features=features.active(run.cfg),
+                            split="test")
     if run.is_main:
         write_outputs(result, rows, run.out / "eval", run.out / "metrics.jsonl")
         print(format_table(result), flush=True)

@@ -11,8 +11,9 @@ Writes into OUT:
     report.md          one results table per dataset, the wire and latency tables
     em_by_path.png     EM / F1 per path and receiver
     training_curves.png  from the run's metrics.jsonl (found next to checkpoints/ unless --metrics_jsonl is given)
-and prints the results table. The held-out examples are those of the checkpoint's config (data.eval_files, or
-the held-out articles of data.train_files); `--set data.eval_files=[...]` evaluates other files.
+and prints the results table. The examples are the checkpoint config's TEST split (data.eval_files, or the groups
+cut from data.train_files) unless `--split validation` asks for the validation split (model selection);
+`--set data.eval_files=[...]` evaluates other files. metrics.json records which split it read.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--metrics_jsonl", default=None, help="training metrics.jsonl for the curves plot")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="test (the reported numbers, default) or validation (model selection)")
     args = parser.parse_args(argv)
 
     from latentwire import config as config_lib
@@ -50,8 +53,8 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    _, eval_examples = load_splits(cfg.data)
-    result, rows = evaluate(model, eval_examples, features=active_features(cfg))
+    examples = getattr(load_splits(cfg.data), args.split)
+    result, rows = evaluate(model, examples, features=active_features(cfg), split=args.split)
     curves = args.metrics_jsonl or default_metrics_jsonl(args.checkpoint)
     out = write_outputs(result, rows, args.output_dir, curves, plots=not args.no_plots)
     print(format_table(result))

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 if __package__ in (None, ""):  # run as `python launch/supervise.py`: make `launch` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402
+from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

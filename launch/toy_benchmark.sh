@@ -2,8 +2,10 @@
 # Toy-world benchmark on CPU: `bash launch/toy_benchmark.sh [--set key=value ...]`.
 # Writes the toy data (deterministic), trains LatentWire against the two committed frozen toy receivers
 # (latentwire/assets/toy/{llama,qwen2}, made by launch/pretrain_toy.py) through the normal launch/train.py path,
-# rebuilds the model from its checkpoint, evaluates it on held-out people and writes runs/toy/report.json,
-# runs/toy/report.md and runs/toy/diagnostics.png. See docs/toy.md.
+# keeps the checkpoint with the best VALIDATION latent first-token accuracy (checkpoints/best; validation people
+# are never trained on), rebuilds the model from that checkpoint alone, evaluates it once on the TEST split (people
+# in neither training nor validation) and writes runs/toy/report.json, runs/toy/report.md and
+# runs/toy/diagnostics.png. See docs/toy.md.
 set -euo pipefail
 source "$(dirname "$0")/venv.sh"
 OUT="${OUT:-runs/toy}"            # <-- results land here
@@ -24,10 +26,12 @@ python -m latentwire.toy --out "$OUT/data"
 t1=$(now)
 echo "== training LatentWire ($CONFIG) -> $OUT/run"
 python launch/train.py --config "$CONFIG" --output_dir "$OUT/run" --set eval.at_end=false \
-    --set "data.train_files=[\"$OUT/data/train.json\"]" --set "data.eval_files=[\"$OUT/data/eval.json\"]" "$@"
+    --set "data.train_files=[\"$OUT/data/train.json\"]" --set "data.val_files=[\"$OUT/data/val.json\"]" \
+    --set "data.eval_files=[\"$OUT/data/test.json\"]" --set eval.every=500 --set eval.periodic_examples=256 \
+    --set eval.best_metric=latent_first_tok_top1_mean "$@"
 t2=$(now)
-echo "== evaluating $OUT/run/checkpoints/latest on held-out people"
-python launch/eval.py --checkpoint "$OUT/run/checkpoints/latest" --output_dir "$OUT/eval"
+echo "== evaluating $OUT/run/checkpoints/best (chosen on validation) on the test split"
+python launch/eval.py --checkpoint "$OUT/run/checkpoints/best" --output_dir "$OUT/eval"
 t3=$(now)
 printf '{"data": %d, "train": %d, "eval": %d}\n' $((t1 - t0)) $((t2 - t1)) $((t3 - t2)) > "$OUT/timings.json"
 python launch/toy_report.py --eval "$OUT/eval/metrics.json" --metrics "$OUT/run/metrics.jsonl" --out "$OUT" \

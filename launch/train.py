@@ -38,17 +38,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dry_run(cfg: config_lib.Config, ds_path: str | None) -> None:
+def dry_run(cfg: config_lib.Config, ds_path: str | None, out: Path) -> None:
+    """Print the resolved config, the DeepSpeed stage, the split specification and the device plan; write
+    OUT/run_info.json with the split specification (nothing is loaded, so the splits have no counts yet)."""
+    from latentwire.data import split_spec
     from latentwire.distributed import read_ds_config, zero_stage
 
     print(json.dumps(config_lib.to_dict(cfg), indent=2))
     ds = read_ds_config(ds_path)
     print(f"deepspeed: {ds_path or 'built-in default'} (ZeRO stage {zero_stage(ds)})")
-    try:
-        from launch.plan import describe_config_plan
-    except ImportError:
-        print("device planner not available in this build")
-        return
+    splits = split_spec(cfg.data)
+    print("splits: " + json.dumps(splits, indent=2))
+    existing = out / "run_info.json"
+    if existing.exists() and not json.loads(existing.read_text()).get("dry_run"):
+        raise config_lib.ConfigError(f"--dry_run would overwrite the run_info.json of a real run in {out}; "
+                                     "use another --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"dry_run": True, "zero_stage": zero_stage(ds), "splits": splits}
+    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    from launch.plan import describe_config_plan
+
     print(describe_config_plan(cfg))
 
 
@@ -63,7 +72,11 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        dry_run(cfg, args.deepspeed)
+        try:
+            dry_run(cfg, args.deepspeed, Path(args.output_dir))
+        except config_lib.ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     from latentwire.data import DataError
     from latentwire.distributed import DSConfigError

@@ -11,13 +11,14 @@ from tests.conftest import SHARED_DATA
 
 
 def test_embedded_sample_reads_and_splits_by_article():
-    train, evals = D.load_splits(DataConfig())
-    assert len(train) > 300 and len(evals) > 20
-    assert not {e.article for e in train} & {e.article for e in evals}
-    again_train, again_eval = D.load_splits(DataConfig())
-    assert [e.id for e in again_eval] == [e.id for e in evals]
-    other_train, _ = D.load_splits(DataConfig(seed=1))
-    assert {e.article for e in other_train} != {e.article for e in train}
+    train, val, test = D.load_splits(DataConfig())
+    assert len(train) > 300 and len(val) > 20 and len(test) > 20
+    articles = [{e.article for e in side} for side in (train, val, test)]
+    assert not articles[0] & articles[1] and not articles[0] & articles[2] and not articles[1] & articles[2]
+    again = D.load_splits(DataConfig())
+    assert [e.id for e in again.test] == [e.id for e in test] and [e.id for e in again.validation] == [e.id for e in val]
+    other = D.load_splits(DataConfig(seed=1))
+    assert {e.article for e in other.train} != articles[0]
 
 
 def test_squad_keeps_every_gold_answer():

@@ -130,12 +130,15 @@ def test_shared_nq_oracle_pairs_every_question_with_its_gold_passage():
 @needs_shared
 def test_shared_files_mix_into_one_example_stream():
     cfg = DataConfig(train_files=[str(HOTPOT / "dev_distractor_part1.jsonl"), str(NQ_ORACLE)],
-                     eval_files=[str(HOTPOT / "dev_distractor_part2.jsonl"), str(NQ_ORACLE)],
-                     mix_weights=[1.0, 1.0], seed=3)
-    train, evals = D.load_splits(cfg)
-    again, _ = D.load_splits(cfg)
-    assert [e.id for e in train] == [e.id for e in again]
+                     eval_files=[str(HOTPOT / "dev_distractor_part2.jsonl")],
+                     val_files=[str(HOTPOT / "dev_distractor_part3.jsonl")], mix_weights=[1.0, 1.0], seed=3)
+    train, val, test = D.load_splits(cfg)
+    again = D.load_splits(cfg)
+    assert [e.id for e in train] == [e.id for e in again.train]
     assert 0.4 < Counter(e.source for e in train)["hotpot"] / len(train) < 0.6
-    assert Counter(e.source for e in evals) == {"hotpot": 300, "nq": 2655}
+    assert Counter(e.source for e in test) == {"hotpot": 300} and Counter(e.source for e in val) == {"hotpot": 500}
+    # A file read as training data and again as test data is refused: nothing may be scored on what trained it.
+    with pytest.raises(D.DataError, match="overlap"):
+        D.load_splits(DataConfig(train_files=[str(NQ_ORACLE)], eval_files=[str(NQ_ORACLE)]))
     squad = D.read_file(str(SHARED_DATA / "squad" / "dev-v1.1.json"))
     assert len(squad) == 10570 and sum(len(e.answers) > 1 for e in squad) > 5000

@@ -17,8 +17,9 @@ from latentwire.model import LatentWire
 from tests.conftest import ROOT, run_cli
 from tests.helpers import EVAL_OVERRIDES, eval_examples, make_checkpoint
 
-ALL_PATHS = ["text", "latent", "latent_fp16", "latent_int4", "token_budget", "byte_budget", "embed_raw",
-             "embed_anchor", "embed_resampled"]
+ALL_PATHS = ["text", "latent", "latent_fp16", "latent_int4", "token_budget", "byte_budget", "byte_budget_fp16",
+             "byte_budget_int4", "closed_book", "embed_raw", "embed_anchor", "embed_resampled"]
+TEXT_SIDE = ["text", "token_budget", "byte_budget", "byte_budget_fp16", "byte_budget_int4", "closed_book"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,10 @@ def test_every_path_and_contract_key_on_the_same_examples(evaluated, model):
     for row in rows:
         assert row["answers"] and set(row["predictions"]) == {"llama", "qwen"}
         assert all(set(p) == set(ALL_PATHS) for p in row["predictions"].values())
-    assert result["features"] == [] and result["wire_precision"] == "int8"
+        # What every text-side path read is on record, per receiver.
+        assert set(row["inputs"]) == {"llama", "qwen"}
+        assert all(set(p) == set(TEXT_SIDE) for p in row["inputs"].values())
+    assert result["features"] == [] and result["wire_precision"] == "int8" and result["split"] == "test"
 
 
 def test_embedding_replay_reproduces_text(evaluated):
@@ -85,7 +89,18 @@ def test_wire_section_reports_real_payload_bytes_within_bound(evaluated, model):
     for name in result["receivers"]:  # each latent path sends its own precision's payload
         assert result[name]["latent"]["bytes"] == sizes["int8"]
         assert result[name]["latent_int4"]["bytes"] == sizes["int4"]
-        assert result[name]["byte_budget"]["bytes"] <= sizes["int8"]
+        for precision, path in (("int8", "byte_budget"), ("fp16", "byte_budget_fp16"), ("int4", "byte_budget_int4")):
+            entry = result[name][path]  # within the payload's bytes unless a question alone overran them
+            assert entry["bytes"] <= sizes[precision] or entry["budget_overruns"] > 0, (path, entry)
+    # Ratios by what is sent: all slots on the wire, and real payload bytes with the header.
+    for name, receiver in model.receivers.items():
+        tokens = sum(len(receiver.contract.encode(p)) for p in prompts) / 3
+        comp = w["compression"][name]
+        assert comp["tokens_read"] == pytest.approx(tokens / (enc.m_shared + enc.m_private))
+        assert comp["tokens_sent"] == pytest.approx(tokens / w["latent_slots"]) and comp["tokens_sent"] < comp["tokens_read"]
+        for precision, nbytes in sizes.items():
+            assert comp["bytes_utf8"][precision] == pytest.approx(w["text_bytes_utf8"] / nbytes)
+            assert comp["bytes_zstd"][precision] == pytest.approx(w["text_bytes_zstd"] / nbytes)
 
 
 @pytest.mark.parametrize("slots,dim", [(16, 8), (40, 256), (48, 4096), (7, 33)])
@@ -96,8 +111,8 @@ def test_default_group_keeps_every_precision_within_ten_percent(slots, dim):
         assert wire.payload_nbytes_bound(slots, dim, precision, group) <= 1.10 * ideal + 64, (precision, slots, dim)
 
 
-def test_budget_baselines_cut_the_prompt_to_the_latent_size(model):
-    prompts = [D.prompt_text(ex, 256) for ex in eval_examples()]
+def test_budget_baselines_keep_the_question_and_fill_the_budget_with_context(model):
+    examples = eval_examples()
     z = torch.randn(3, model.encoder.n_slots, model.cfg.encoder.d_z)
     payloads = {p: wire.encode_batch(z, p, 64) for p in ("fp16", "int8", "int4")}
     lens = {p: [len(b) for b in v] for p, v in payloads.items()}
@@ -106,19 +121,38 @@ def test_budget_baselines_cut_the_prompt_to_the_latent_size(model):
     for name, receiver in model.receivers.items():
         c = receiver.contract
         bos = [c.bos_id] if c.text_bos else []
-        _, mask, ids, _ = E.path_inputs(model, name, "token_budget", prompts, latents, lens)
-        for i, p in enumerate(prompts):
-            row = ids[i][mask[i].bool()].tolist()
-            assert row == bos + c.encode(p)[:m_read] + c.anchor_ids
-        _, mask, ids, nbytes = E.path_inputs(model, name, "byte_budget", prompts, latents, lens)
-        for i, p in enumerate(prompts):
-            assert nbytes[i] <= lens["int8"][i] < len(p.encode())  # really cut, never longer than the payload
-            cut = p.encode()[: lens["int8"][i]].decode("utf-8", errors="ignore")
-            assert ids[i][mask[i].bool()].tolist() == bos + c.encode(cut) + c.anchor_ids
-        embeds, mask, ids, _ = E.path_inputs(model, name, "embed_resampled", prompts, latents, lens)
-        assert ids is None and embeds.shape[1] == m_read + len(c.latent_prefix_ids())
-        rms = embeds[:, :m_read].float().pow(2).mean(dim=(1, 2)).sqrt()
+        for path, fits in (("token_budget", lambda t, i: len(c.encode(t)) <= m_read),
+                           ("byte_budget", lambda t, i: len(t.encode()) <= lens["int8"][i]),
+                           ("byte_budget_int4", lambda t, i: len(t.encode()) <= lens["int4"][i])):
+            inp = E.path_inputs(model, name, path, examples, latents, lens)
+            for i, (ex, text) in enumerate(zip(examples, inp["texts"])):
+                context, question = D.prompt_parts(ex, 256)
+                assert text.endswith(f"\nQuestion: {question}\n"), (path, text)  # the whole question, always
+                kept = text[len("Context: "):-len(f"\nQuestion: {question}\n")]
+                assert context.startswith(kept)  # context from its start
+                if fits(text, i):  # within budget, and no longer context would fit
+                    longer = D.PROMPT_TEMPLATE.format(context=context[:len(kept) + 1], question=question)
+                    assert len(kept) == len(context) or not fits(longer, i), (path, i)
+                else:  # the question alone overran the budget: kept whole, no context, counted
+                    assert kept == "" and inp["overruns"] >= 1
+                row = inp["ids"][i][inp["mask"][i].bool()].tolist()
+                assert row == bos + c.encode(text) + c.anchor_ids
+                assert inp["bytes"][i] == len(text.encode())
+        closed = E.path_inputs(model, name, "closed_book", examples, latents, lens)
+        assert closed["texts"] == [f"Question: {ex.question}\n" for ex in examples]
+        inp = E.path_inputs(model, name, "embed_resampled", examples, latents, lens)
+        assert inp["ids"] is None and inp["embeds"].shape[1] == m_read + len(c.latent_prefix_ids())
+        rms = inp["embeds"][:, :m_read].float().pow(2).mean(dim=(1, 2)).sqrt()
         assert torch.allclose(rms, torch.full_like(rms, float(model.adapters[name].target_rms)), rtol=1e-2)
+
+
+def test_fit_prompt_counts_a_question_that_overruns():
+    from latentwire.baselines import byte_budget_prompt, fit_prompt
+
+    text, over = byte_budget_prompt("a long context " * 20, "What is this really about?", 10)
+    assert over and text == "Context: \nQuestion: What is this really about?\n"
+    text, over = fit_prompt("Zürich Zürich Zürich", "Q?", lambda t: len(t.encode()) <= 30)
+    assert not over and len(text.encode()) <= 30 and text.startswith("Context: Zü")
 
 
 def test_changing_gold_answer_length_cannot_change_any_prediction(model):
@@ -213,19 +247,27 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
     assert "| llama | embed_raw |" in proc.stdout and "report.md" in proc.stdout
     m = json.loads((out / "metrics.json").read_text())
     for name in ("llama", "qwen"):
-        for path in ("text", "latent", "token_budget"):
+        for path in ("text", "latent", "token_budget", "closed_book"):
             for key in ("em", "f1", "nll"):
                 assert isinstance(m[name][path][key], float)
         assert isinstance(m[name]["latent"]["first_tok_top1"], float)
+        assert set(m["wire"]["compression"][name]) == {"tokens_read", "tokens_sent", "bytes_utf8", "bytes_zstd"}
     for key in ("latent_slots", "latent_dim", "latent_bytes", "text_bytes_utf8", "text_bytes_zstd",
-                "token_compression"):
+                "token_compression", "compression"):
         assert key in m["wire"]
+    assert m["split"] == "test"
     assert m["wire"]["latent_bytes"]["fp16"] > m["wire"]["latent_bytes"]["int8"] > m["wire"]["latent_bytes"]["int4"]
     assert set(m["latency"]) == {"llama", "qwen"} and m["features"] == []
     assert sorted(p.name for p in out.iterdir()) == ["em_by_path.png", "metrics.json", "predictions.jsonl",
                                                     "report.md", "training_curves.png"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions"} for r in rows)
+    assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions", "inputs"} for r in rows)
+    val = tmp_path / "eval_val"
+    run_cli(["launch/eval.py", "--checkpoint", str(run / "checkpoints" / "latest"), "--output_dir", str(val),
+             "--set", "eval.max_examples=2", "--split", "validation", "--no_plots"])
+    m_val = json.loads((val / "metrics.json").read_text())
+    ids_val = {json.loads(line)["id"] for line in (val / "predictions.jsonl").read_text().splitlines()}
+    assert m_val["split"] == "validation" and not ids_val & {r["id"] for r in rows}
 
 
 def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):

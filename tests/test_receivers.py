@@ -81,12 +81,59 @@ def test_generation_reads_the_training_sequence(tiny_receivers):
         assert generated[:, -1].tolist() == argmax.tolist()
 
 
-def test_generate_stops_at_max_new_tokens_or_eos(tiny_receivers):
+def test_k_token_one_pass_equals_k_passes_on_a_padded_batch(tiny_receivers):
+    """Several rows with different answer lengths (shorter and longer than K), right-padded into one batch: each
+    row's K-token CE from the ONE batched pass equals the mean over K separate unpadded passes of that row alone."""
+    from latentwire.data import _pad
+
+    torch.manual_seed(3)
+    k = 5
+    for r in tiny_receivers:
+        c = r.contract
+        answers = [c.answer_ids(a) for a in ("the", "the Denver Broncos of 1990 and 1991", "Zürich")]
+        assert min(map(len, answers)) < k < max(map(len, answers))
+        start = len(c.latent_prefix_ids())
+        suffix, mask = _pad([c.latent_prefix_ids() + a for a in answers], c.pad_id)
+        prefix = torch.randn(len(answers), 5, r.hidden_size) * r.embed_rms
+        hidden = r.latent_pass(prefix, suffix, mask, start, k)  # (B, K, H)
+        weight = r.model.get_output_embeddings().weight
+        for i, answer in enumerate(answers):
+            n = min(k, len(answer))
+            batched = kernels.k_token_cross_entropy(hidden[i, :n], weight, torch.tensor(answer[:n]))
+            separate = []
+            for j in range(n):
+                ids = torch.tensor([c.latent_prefix_ids() + answer[:j]])
+                seq = torch.cat([prefix[i:i + 1], r.embed(ids)], dim=1)
+                logits = r.model(inputs_embeds=seq).logits[0, -1]
+                separate.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor(answer[j:j + 1])))
+            torch.testing.assert_close(batched, torch.stack(separate).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_stops_at_eos_or_max_new_tokens_only(tiny_receivers):
+    """Greedy decoding stops exactly at EOS (per row, EOS excluded) or at max_new_tokens: a hook on the LM head
+    makes EOS the argmax of row 0 at its third new token; row 1 never sees it and runs to the cap."""
     r = tiny_receivers[0]
-    ids = torch.tensor([r.contract.text_prefix_ids("Context: x\nQuestion: y\n")])
-    out = r.generate(torch.ones_like(ids), 3, input_ids=ids)
-    assert len(out[0]) <= 3
-    assert r.contract.eos_id not in out[0]
+    c = r.contract
+    ids = torch.tensor([c.text_prefix_ids("Context: x\nQuestion: y\n")] * 2)
+    free = r.generate(torch.ones_like(ids), 5, input_ids=ids)
+    assert [len(row) for row in free] == [5, 5] and c.eos_id not in free[0]  # no EOS: runs to the cap
+    calls = {"n": 0}
+
+    def force_eos(module, args, logits):
+        calls["n"] += 1
+        if calls["n"] == 3:  # prefill gives token 1, decode steps give tokens 2, 3, ...
+            logits = logits.clone()
+            logits[0, -1, c.eos_id] = logits.abs().max() * 10 + 1
+        return logits
+
+    handle = r.model.get_output_embeddings().register_forward_hook(force_eos)
+    try:
+        out = r.generate(torch.ones_like(ids), 5, input_ids=ids)
+    finally:
+        handle.remove()
+    assert out[0] == free[0][:2]  # the two tokens before the forced EOS, EOS excluded
+    assert out[1] == free[1]  # the other row does not stop with it
+    assert [len(row) for row in r.generate(torch.ones_like(ids), 3, input_ids=ids)] == [3, 3]
 
 
 def test_missing_model_path_is_named(tmp_path):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from launch.exit_codes import REQUEUE_EXIT_CODE
+from latentwire.exit_codes import REQUEUE_EXIT_CODE
 from tests.conftest import ROOT, read_jsonl, run_cli, train_cmd
 
 

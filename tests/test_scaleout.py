@@ -56,14 +56,16 @@ def test_oom_at_micro_batch_one_stops_with_a_clear_error(tmp_path, tiny_dir):
 
 
 def test_one_rank_micro4_equals_two_ranks_micro2(tmp_path, tiny_dir):
-    """Same global batch, different layout: identical data and token-normalized losses."""
+    """Same global batch, different layout: identical data and token-normalized losses, the extra first-token CE
+    term (normalised over the global batch like every other term) included."""
+    first_tok = ["curriculum.first_tok_weight_start=1.0", "curriculum.first_tok_weight_end=1.0"]
     single = tmp_path / "one"
     cmd = ["launch/train.py", "--config", "configs/tiny.json", "--output_dir", str(single)]
-    for s in small_overrides(3, ["eval.at_end=false", "train.micro_batch=4"]):
+    for s in small_overrides(3, ["eval.at_end=false", "train.micro_batch=4", *first_tok]):
         cmd += ["--set", s]
     run_cli(cmd)
     double = tmp_path / "two"
-    run_cli(_ds_cmd(double, "ds_configs/zero2.json", 3), timeout=900)
+    run_cli(_ds_cmd(double, "ds_configs/zero2.json", 3, first_tok), timeout=900)
     a, b = read_jsonl(single / "metrics.jsonl"), read_jsonl(double / "metrics.jsonl")
     assert [r["global_batch"] for r in a] == [r["global_batch"] for r in b] == [4, 4, 4]
     for ra, rb in zip(a, b):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
+from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "launch" / "slurm"
@@ -415,8 +415,11 @@ def test_oom_relaunch_and_requeue_on_sigusr1(slurm_cluster, tmp_path, script):
     """Real slurm, fake trainer: 75 is relaunched by the supervisor; SIGUSR1 to the batch shell (what
     --signal=B:USR1 does) reaches the rank through the launcher chain, 76 requeues the job, the requeued job
     runs the same command again."""
-    root = tmp_path / "repo"  # a copy of the launch scripts around a fake launch/train.py
+    root = tmp_path / "repo"  # a copy of the launch scripts (and the exit codes they import) around a fake train.py
     shutil.copytree(REPO_ROOT / "launch", root / "launch", ignore=shutil.ignore_patterns("__pycache__", "train.py"))
+    (root / "latentwire").mkdir()
+    for name in ("__init__.py", "exit_codes.py"):
+        shutil.copyfile(REPO_ROOT / "latentwire" / name, root / "latentwire" / name)
     fake = FAKE_TRAIN.replace("OOM_CODE", str(OOM_RESTART_EXIT_CODE)).replace("REQUEUE_CODE", str(REQUEUE_EXIT_CODE))
     (root / "launch" / "train.py").write_text(fake)
     (root / ".venv").symlink_to(REPO_ROOT / ".venv")

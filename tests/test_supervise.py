@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
+from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERVISE = REPO_ROOT / "launch" / "supervise.py"

@@ -155,7 +155,7 @@ def test_manifest_mismatch_is_an_error_naming_the_field(cache_dir, tiny_receiver
 def test_missing_or_changed_example_is_an_error_naming_the_id(cache_dir, tiny_receivers):
     cfg = _config(f"receivers.0.teachers.0.cache={cache_dir}")
     teacher = CachedTeacher(str(cache_dir), 1.0, tiny_receivers[0], cfg)
-    train, evals = D.load_splits(cfg.data)
+    train, _, evals = D.load_splits(cfg.data)
     batch = _batch(cfg, tiny_receivers, [train[0], evals[0]])
     with pytest.raises(TeacherError, match=re.escape(f"example id '{evals[0].id}' is not in the cache")):
         teacher.lookup(batch["ids"], batch["receivers"]["llama"])

@@ -18,14 +18,16 @@ from tests.conftest import ROOT, read_jsonl, run_cli
 
 
 def test_generator_is_deterministic_and_reads_as_squad(tmp_path):
-    a = toy.write_splits(tmp_path / "a", n_train=200, n_eval=50, seed=3)
-    b = toy.write_splits(tmp_path / "b", n_train=200, n_eval=50, seed=3)
-    for name in ("train", "eval"):
+    a = toy.write_splits(tmp_path / "a", n_train=200, n_val=40, n_test=50, seed=3)
+    b = toy.write_splits(tmp_path / "b", n_train=200, n_val=40, n_test=50, seed=3)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["test.json", "train.json", "val.json"]
+    for name in ("train", "validation", "test"):
         assert a[name].read_bytes() == b[name].read_bytes()
-    c = toy.write_splits(tmp_path / "c", n_train=200, n_eval=50, seed=4)
+    c = toy.write_splits(tmp_path / "c", n_train=200, n_val=40, n_test=50, seed=4)
     assert a["train"].read_bytes() != c["train"].read_bytes()
-    examples = read_file(str(a["eval"]))
+    examples = read_file(str(a["test"]))
     assert len(examples) == 50 and all(len(ex.context.split(". ")) == 8 for ex in examples)
+    assert all(ex.article == toy.asked_person(ex.question) for ex in examples)  # grouped by the person asked
     squad = json.loads(a["train"].read_text())
     for article in squad["data"]:
         para = article["paragraphs"][0]
@@ -37,6 +39,10 @@ def test_held_out_people_never_appear_in_training():
     train_people, held_people = toy.people_split()
     assert not set(train_people) & set(held_people)
     assert len(train_people) + len(held_people) == len(toy.FIRST_NAMES) * len(toy.LAST_NAMES)
+    splits = toy.people_splits()
+    assert splits["train"] == train_people and len(splits["validation"]) == len(splits["test"]) == 32
+    assert not set(splits["validation"]) & set(splits["test"])
+    assert set(splits["validation"]) | set(splits["test"]) == set(held_people)
     rng = random.Random(0)
     for _ in range(200):
         ex = toy.make_example(rng, held_people, 8)
@@ -64,13 +70,17 @@ def test_report_writer(tmp_path):
     report_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_mod)
     entry = {"em": 50.0, "f1": 60.0, "nll": 1.0, "first_tok_top1": 55.0, "first_tok_top5": 90.0, "n": 8}
-    result = {"receivers": ["a", "b"], "n_examples": 8, "wire_precision": "int8",
+    comp = {"tokens_read": 5.0, "tokens_sent": 4.2, "bytes_utf8": {"fp16": 0.2, "int8": 0.4},
+            "bytes_zstd": {"fp16": 0.18, "int8": 0.35}}
+    result = {"receivers": ["a", "b"], "n_examples": 8, "wire_precision": "int8", "split": "test",
               "wire": {"latent_slots": 12, "slots_per_receiver": 10, "latent_dim": 32,
                        "latent_bytes": {"fp16": 768.0, "int8": 400.0}, "text_bytes_utf8": 164.0,
-                       "text_bytes_zstd": 140.0, "token_compression": {"a": 5.0, "b": 5.1}}}
+                       "text_bytes_zstd": 140.0, "token_compression": {"a": 5.0, "b": 5.1},
+                       "compression": {"a": comp, "b": comp}}}
     for name in ("a", "b"):
         result[name] = {"text": {**entry, "em": 95.0}, "latent": {**entry, "em": 70.0},
-                        "token_budget": {**entry, "em": 10.0}}
+                        "token_budget": {**entry, "em": 10.0}, "byte_budget": {**entry, "em": 20.0},
+                        "closed_book": {**entry, "em": 12.0}}
     rows = [{"step": 1, "loss": 3.0, "ce/a": 3.0, "first_tok_acc/a": 0.1, "diversity/a": 0.2, "slot_cosine": 0.9,
              "grad_norm_latent/ce/a": 0.01}, {"step": 2, "loss": 2.0, "ce/a": 2.0, "first_tok_acc/a": 0.3}]
     (tmp_path / "metrics.json").write_text(json.dumps(result))
@@ -79,9 +89,15 @@ def test_report_writer(tmp_path):
                             "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for name in ("a", "b"):
-        for key in ("text_em", "latent_em", "token_budget_em", "token_compression", "latent_first_tok_top1"):
+        for key in ("text_em", "latent_em", "token_budget_em", "closed_book_em", "tokens_sent", "tokens_read",
+                    "latent_first_tok_top1"):
             assert key in report["receivers"][name], key
-    assert report["all_targets_met"] is True
+    assert report["all_targets_met"] is True and report["split"] == "test"
+    comp["tokens_sent"] = 3.9  # below 4x of what is sent: the target fails even though tokens_read is 5x
+    (tmp_path / "metrics.json").write_text(json.dumps(result))
+    report_mod.main(["--eval", str(tmp_path / "metrics.json"), "--metrics", str(tmp_path / "metrics.jsonl"),
+                     "--out", str(tmp_path / "out2")])
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["all_targets_met"] is False
     assert report["diagnostics_last"]["slot_cosine"] == {"step": 1, "value": 0.9}
     assert (tmp_path / "out" / "diagnostics.png").stat().st_size > 1000
     assert "| a |" in (tmp_path / "out" / "report.md").read_text()
@@ -120,21 +136,28 @@ def test_committed_receiver_matches_its_record(kind):
 
 def test_latent_regression_on_the_small_toy_world(tmp_path):
     """The test that catches a collapsed latent: two frozen toy receivers read one shared latent of a 2-fact
-    world; held-out latent first-token accuracy must end far above chance (1 in 32 values) and far above its
-    untrained value at step 0, for each receiver."""
+    world (configs/toy_ci.json, 400 steps). What it shows is that the latent carries the context's VALUES: on the
+    test split (256 examples, people never seen in training or validation) latent first-token accuracy ends far
+    above value chance (1 in 32) and far above its untrained value at step 0 (read on validation). It does not
+    yet show that the encoder matches the asked NAME against the facts: a latent that carries both values without
+    the names scores about 1 / (facts per context) = 50% here, and 400 steps do not reach that (measured: ~44%)."""
     data = tmp_path / "data"
-    run_cli(["-m", "latentwire.toy", "--out", str(data), "--n_train", "4000", "--n_eval", "128", "--facts", "2",
-             "--eval_facts", "2"])
+    run_cli(["-m", "latentwire.toy", "--out", str(data), "--n_train", "4000", "--n_val", "128", "--n_test", "256",
+             "--facts", "2", "--eval_facts", "2"])
     out = tmp_path / "run"
     run_cli(["launch/train.py", "--config", "configs/toy_ci.json", "--output_dir", str(out),
-             "--set", f'data.train_files=["{data}/train.json"]', "--set", f'data.eval_files=["{data}/eval.json"]'],
-            timeout=900)
+             "--set", f'data.train_files=["{data}/train.json"]', "--set", f'data.val_files=["{data}/val.json"]',
+             "--set", f'data.eval_files=["{data}/test.json"]', "--set", "eval.at_end=true",
+             "--set", "eval.max_examples=256"], timeout=900)
     logged = read_jsonl(out / "metrics.jsonl")
     for key in ("diversity/llama", "diversity/qwen", "slot_cosine", "grad_norm_latent/ce/llama"):
         assert any(key in r for r in logged), key  # the collapse diagnostics are logged
     rows = [r for r in logged if "eval/latent_first_tok_top1/llama" in r]
     assert [r["step"] for r in rows] == [0, 400]
-    chance = 100.0 / len(toy.VALUES)
+    result = json.loads((out / "eval" / "metrics.json").read_text())
+    assert result["split"] == "test" and result["n_examples"] == 256
+    value_chance = 100.0 / len(toy.VALUES)
     for name in ("llama", "qwen"):
-        start, end = (r[f"eval/latent_first_tok_top1/{name}"] for r in rows)
-        assert end >= max(10 * chance, start + 25.0), (name, start, end)
+        start = rows[0][f"eval/latent_first_tok_top1/{name}"]
+        end = result[name]["latent"]["first_tok_top1"]
+        assert end >= max(10 * value_chance, start + 25.0), (name, start, end)

@@ -161,4 +161,11 @@ def test_dry_run_resolves_real_preset_without_loading_weights(tmp_path):
                     str(tmp_path / "dry"), "--dry_run"])
     assert '"meta-llama/Llama-3.1-8B-Instruct"' in proc.stdout and "Qwen/Qwen2.5-7B-Instruct" in proc.stdout
     assert "device plan" in proc.stdout or "plan" in proc.stdout.lower()
-    assert not (tmp_path / "dry").exists()
+    # It loads nothing but records where each split comes from: SQuAD train (validation cut from it by article)
+    # and the official dev set as the test split.
+    info = json.loads((tmp_path / "dry" / "run_info.json").read_text())
+    assert info["dry_run"] is True and sorted(info["splits"]) == ["test", "train", "validation"]
+    assert info["splits"]["train"]["files"] == ["rajpurkar/squad:train"]
+    assert info["splits"]["test"]["files"] == ["rajpurkar/squad:validation"]
+    assert "data.val_fraction=0.02" in info["splits"]["validation"]["cut"]
+    assert sorted(p.name for p in (tmp_path / "dry").iterdir()) == ["run_info.json"]  # no checkpoint, no weights

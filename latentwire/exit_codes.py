@@ -1,6 +1,6 @@
 """Process exit codes shared by launch/train.py, launch/supervise.py and the slurm scripts.
 
-    from launch.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
+    from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE
 
 Both codes mean "the run is healthy, start me again with the same command and the same --output_dir";
 they differ in who starts it again:
@@ -13,8 +13,10 @@ they differ in who starts it again:
   checkpoint on every rank and exited. The supervisor passes it through untouched; the sbatch scripts answer it
   with `scontrol requeue "$SLURM_JOB_ID"`, and the requeued job resumes from `checkpoints/latest`.
 
-The values are defined in latentwire/faults.py, where the library raises `Relaunch(code)`; launch/train.py turns
-that into the exit code. The sbatch scripts spell the value 76 out in bash; tests/test_slurm.py checks that they agree with this module.
+The library raises `faults.Relaunch(code)` with these codes and only launch/train.py turns that into the exit code.
+This module imports nothing (the supervisor runs under any Python, without torch). The sbatch scripts spell the
+value 76 out in bash; tests/test_slurm.py checks that they agree with this module.
 """
 
-from latentwire.faults import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: F401  (defined with the faults)
+OOM_RESTART_EXIT_CODE = 75
+REQUEUE_EXIT_CODE = 76
