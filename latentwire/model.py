@@ -64,8 +64,9 @@ class LatentWire(nn.Module):
         return self.adapters[name](self.encoder.slots_for(z, self.names.index(name)))
 
     def forward(self, batch: dict, step: int, diagnose: bool = False) -> dict:
-        """One training micro-batch -> {"loss": scalar, "parts": {name: float}}; with `diagnose`, also the
-        tensors `diagnostics` reads ("z", "first_logits", "terms"), before any backward."""
+        """One training micro-batch -> {"loss": scalar, "parts": {name: float}}. With `diagnose` (the trainer asks
+        every train.diagnostics_every steps) the parts also hold `diagnostics`, taken here, before the engine's
+        backward hooks are attached to the outputs."""
         cfg = self.cfg
         z = self.encode(batch["bytes"], batch["byte_mask"])
         z_wire = z  # what the encoder emits, before curriculum dropout: the diagnostics look at this
@@ -107,29 +108,28 @@ class LatentWire(nn.Module):
                 terms[f"ce/{name}"] = cfg.losses.ce_weight * res["ce"] / n_recv
                 if "kd" in res:
                     terms[f"kd/{name}"] = cfg.losses.kd_weight * res["kd"] / n_recv
-        out = {"loss": total / len(self.receivers), "parts": parts}
         if diagnose:
-            out.update(z=z_wire, first_logits=first_logits, terms=terms)
-        return out
+            parts.update(self.diagnostics(z_wire, first_logits, terms))
+        return {"loss": total / len(self.receivers), "parts": parts}
 
-    def diagnostics(self, out: dict) -> dict[str, float]:
-        """Collapse diagnostics of one `forward(..., diagnose=True)` output, taken before its backward:
-        first-token diversity per receiver (one first token predicted for every example is how collapse shows
-        first), mean cosine between two slots of one example, and the gradient norm of each loss term at Z.
-        The gradient norms are skipped under ZeRO-3, where a second backward through partitioned receivers would
-        upset DeepSpeed's hooks."""
+    def diagnostics(self, z: torch.Tensor, first_logits: dict[str, torch.Tensor],
+                    terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Collapse diagnostics of one micro-batch, before its backward: first-token diversity per receiver (one
+        first token predicted for every example is how collapse shows first) from `first_logits` (B, V), mean
+        cosine between two slots of one example of z (B, M, d_z), and the gradient norm at z of each loss term in
+        `terms`. The gradient norms are skipped under ZeRO-3, where a second backward through partitioned
+        receivers would upset DeepSpeed's hooks."""
         parts = {}
-        for name, logits in out["first_logits"].items():
+        for name, logits in first_logits.items():
             first = logits.argmax(-1)
             parts[f"diversity/{name}"] = first.unique().numel() / first.shape[0]
-        z = out["z"]
         unit = nn.functional.normalize(z.detach().float(), dim=-1)  # (B, M, d_z)
         gram = unit @ unit.transpose(1, 2)  # (B, M, M) cosine between every two slots of one example
         off_diagonal = ~torch.eye(gram.shape[1], dtype=torch.bool, device=gram.device)
         parts["slot_cosine"] = float(gram[:, off_diagonal].mean()) if gram.shape[1] > 1 else 1.0
         partitioned = any(is_partitioned(p) for r in self.receivers.values() for p in r.parameters())
         if torch.is_grad_enabled() and z.requires_grad and not partitioned:
-            for key, term in out["terms"].items():
+            for key, term in terms.items():
                 (grad,) = torch.autograd.grad(term, z, retain_graph=True)
                 parts[f"grad_norm_latent/{key}"] = float(grad.norm())
         return parts

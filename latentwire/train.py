@@ -301,9 +301,7 @@ def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
         # All ranks agree after each forward whether any ran out of memory, before any backward collective.
         out = faults.forward_agreed(forward, f"step {step + 1}, micro-batch {accum + 1}/{run.grad_accum}")
         loss = run.faults.poison(out["loss"], step)
-        parts = dict(out["parts"])
-        if diagnose:
-            parts.update(run.model.diagnostics(out))
+        parts = out["parts"]
         if not torch.isfinite(loss.detach()).all():
             run.loss_bad = True  # still backpropagated, so every rank runs the same collectives; the guard skips
         run.engine.backward(loss)
