@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "numpy==2.4.6",
     "psutil==7.2.2",
+    "gguf==0.19.0",  # latentwire.hub: reading the GGUF checkpoints of the real:* receivers
+    "accelerate==1.16.0",  # transformers' GGUF loading path
 ]
 
 setup(
