@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
     "psutil==7.2.2",
     "gguf==0.19.0",  # latentwire.hub: reading the GGUF checkpoints of the real:* receivers
     "accelerate==1.16.0",  # transformers' GGUF loading path
+    "tensorboard==2.21.0",  # training curves: torch.utils.tensorboard writes the event files
 ]
 
 setup(

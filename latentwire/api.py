@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from latentwire import features, wire
+from latentwire import features
 from latentwire.data import PROMPT_TEMPLATE, Example, prompt_text
 from latentwire.encoder import bytes_to_tensor
 from latentwire.eval import latent_inputs
@@ -61,8 +61,9 @@ class Interlingua:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], precision: str = "int8", group_size: int | None = None) -> list[bytes]:
-        """One wire payload per prompt (fp16 | int8 | int4). Prompts longer than max_prompt_bytes are an error:
-        build them with `prompt(context, question)`, which cuts the context and keeps the question."""
+        """One wire payload per prompt (fp16 | int8 | int4, or "code" when the checkpoint has a quantizer).
+        Prompts longer than max_prompt_bytes are an error: build them with `prompt(context, question)`, which
+        cuts the context and keeps the question."""
         if isinstance(prompts, str):
             raise TypeError("encode expects a list of prompts, got one string")
         group = group_size or self.cfg.eval.group_size
@@ -74,13 +75,13 @@ class Interlingua:
                 raise ValueError(f"prompt(s) {too_long[:5]} exceed max_prompt_bytes={self.max_prompt_bytes}; "
                                  "use Interlingua.prompt(context, question) to cut the context")
             byte_ids, byte_mask = bytes_to_tensor(chunk, self.max_prompt_bytes)
-            z = self.model.encode(byte_ids.to(self.device), byte_mask.to(self.device)).float().cpu()
-            payloads += wire.encode_batch(z, precision, group)
+            z, codes = self.model.encoder(byte_ids.to(self.device), byte_mask.to(self.device), with_codes=True)
+            payloads += self.model.to_wire(z, codes, precision, group)
         return payloads
 
     def decode(self, payloads: Sequence[bytes]) -> torch.Tensor:
         """Payloads -> latents (B, M_total, d_z) float32, checking each payload's header and length."""
-        return wire.decode_batch(list(payloads))
+        return self.model.from_wire(list(payloads))
 
     @torch.no_grad()
     def generate(self, receiver: str, payloads: Sequence[bytes], questions: Sequence[str] | None = None,

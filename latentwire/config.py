@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")
 BOS_POLICIES = ("auto", "always", "never")
-PRECISIONS = ("fp16", "int8", "int4")
+PRECISIONS = ("fp16", "int8", "int4", "code")  # "code": FSQ codes (encoder.quantizer), wire format v2
 DATA_FORMATS = ("auto", "squad", "hotpot", "nq")
 RESERVED_RECEIVER_NAMES = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision", "paths",
                            "data")
@@ -67,6 +69,43 @@ class DataConfig:
     seed: int = 0  # seed of the article split and of the data order
 
 
+QUANTIZER_KINDS = ("off", "fsq")
+MAX_LEVEL = 2**16  # per FSQ dimension: float32 rounding must resolve every step
+MAX_CODEBOOK = 2**32  # per slot: a code travels as at most 32 bits
+
+
+@dataclass
+class QuantizerConfig:
+    """encoder.quantizer: a learned discrete wire (latentwire/quantizer.py; codes travel as wire format v2)."""
+
+    kind: str = "off"  # "off" (float latent on the wire) | "fsq" (finite scalar quantization, codes on the wire)
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ levels per dimension of a shared slot
+    private_levels: list[int] = field(default_factory=list)  # FSQ levels of private slots; empty = same as levels
+
+
+def validate_levels(levels: Sequence[int], key: str) -> None:
+    """Raise ValueError naming `key` unless `levels` is a non-empty list of ints in [2, 2**16], product <= 2**32."""
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise ConfigError(f"{key}: expected a non-empty list of integers >= 2, e.g. [8, 5, 5, 5]; got {levels!r}")
+    for i, level in enumerate(levels):
+        if isinstance(level, bool) or not isinstance(level, int) or not 2 <= level <= MAX_LEVEL:
+            raise ConfigError(f"{key}.{i}: each level must be an integer in [2, {MAX_LEVEL}], got {level!r}")
+    if math.prod(levels) > MAX_CODEBOOK:
+        raise ConfigError(f"{key}: product of levels {list(levels)} is {math.prod(levels)}, over 2**32 "
+                         f"(a slot's code must fit in 32 bits)")
+
+
+def validate_quantizer_config(cfg: QuantizerConfig, key: str = "encoder.quantizer") -> None:
+    """Raise ValueError naming the offending field (`<key>.kind`, `<key>.levels.2`, ...); ConfigError is one."""
+    if cfg.kind not in QUANTIZER_KINDS:
+        raise ConfigError(f"{key}.kind: expected one of {list(QUANTIZER_KINDS)}, got {cfg.kind!r}")
+    if cfg.kind == "fsq":
+        validate_levels(cfg.levels, f"{key}.levels")
+        if cfg.private_levels:
+            validate_levels(cfg.private_levels, f"{key}.private_levels")
+
+
+
 @dataclass
 class EncoderConfig:
     d_model: int = 128  # width of the byte transformer
@@ -77,6 +116,8 @@ class EncoderConfig:
     m_shared: int = 8  # slots every receiver reads
     m_private: int = 4  # extra slots per receiver (0 = fully shared)
     dropout: float = 0.0  # dropout inside the byte transformer
+    question_queries: bool = False  # pooler queries read the question first, then attend over the prompt
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # off: float slots on the wire
 
 
 @dataclass
@@ -146,7 +187,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip over all trainables (0 = off)
     save_every: int = 10  # checkpoint interval in optimizer steps (the last step always saves)
     keep_last: int = 3  # step checkpoints kept on disk
-    log_every: int = 1  # tqdm postfix interval; metrics.jsonl gets every step
+    log_every: int = 50  # a plain progress line (or the tqdm postfix) every N steps; metrics.jsonl gets every step
+    tensorboard: bool = True  # also write TensorBoard event files under RUN/tensorboard
     seed: int = 0  # model init and step-keyed randomness
     max_consecutive_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
     diagnostics_every: int = 0  # every N steps log first-token diversity, slot cosine, grad norms at Z (0 = off)
@@ -412,6 +454,13 @@ def validate(cfg: Config) -> None:
     _check_choice("eval.wire_precision", ev.wire_precision, PRECISIONS)
     for i, prec in enumerate(ev.precisions):
         _check_choice(f"eval.precisions.{i}", prec, PRECISIONS)
+    validate_quantizer_config(cfg.encoder.quantizer)
+    quantized = cfg.encoder.quantizer.kind != "off"
+    if quantized != ("code" in ev.precisions) or quantized != (ev.wire_precision == "code"):
+        raise ConfigError("eval.wire_precision / eval.precisions: 'code' (the quantizer's codes) must be the wire "
+                          "precision and among eval.precisions exactly when encoder.quantizer.kind is on (got "
+                          f"kind {cfg.encoder.quantizer.kind!r}, wire_precision {ev.wire_precision!r}, "
+                          f"precisions {ev.precisions})")
     if ev.group_size > 65535:
         raise ConfigError(f"eval.group_size: must be <= 65535 (a u16 on the wire), got {ev.group_size}")
     _check_positive("eval.latency_repeats", ev.latency_repeats)

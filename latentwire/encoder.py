@@ -66,9 +66,14 @@ class Block(nn.Module):
 
 
 class LatentPooler(nn.Module):
-    """Learned queries (M, d) attend to byte states; out = q + tanh(gate) * attn, then a gated MLP."""
+    """Learned queries (M, d) attend to byte states; out = q + tanh(gate) * attn, then a gated MLP.
 
-    def __init__(self, n_slots: int, d_model: int, n_heads: int, d_z: int):
+    With `question_queries` the queries first read the QUESTION (the bytes after the prompt's last "Question: "
+    label): x = q + tanh(gate_q) * attn_q(q, question states), and only then attend over the whole prompt. Each
+    slot then asks the context about what was asked, instead of having to find the matching fact by an
+    induction-style circuit inside the byte transformer (docs/toy.md measures the difference)."""
+
+    def __init__(self, n_slots: int, d_model: int, n_heads: int, d_z: int, question_queries: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(n_slots, d_model) * d_model**-0.5)
         self.norm_q = nn.LayerNorm(d_model)
@@ -77,17 +82,47 @@ class LatentPooler(nn.Module):
         # Gates start at a small positive value: the pooled signal flows from step 0 but the residual dominates.
         # Shape (1,), not 0-d: DeepSpeed cannot broadcast 0-d tensors.
         self.attn_gate = nn.Parameter(torch.full((1,), 0.5))
+        self.question = None
+        if question_queries:
+            self.question = nn.ModuleDict({"norm_q": nn.LayerNorm(d_model), "norm_kv": nn.LayerNorm(d_model),
+                                           "attn": Attention(d_model, n_heads)})
+            self.question_gate = nn.Parameter(torch.full((1,), 0.5))
         self.mlp = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model))
         self.mlp_gate = nn.Parameter(torch.full((1,), 0.5))
         self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_z))
 
-    def forward(self, states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """states (B, L, d), pad_mask (B, L) True at padding -> (B, M, d_z)."""
-        q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
-        x = q + torch.tanh(self.attn_gate) * self.attn(self.norm_q(q), self.norm_kv(states), pad_mask)
+    def forward(self, states: torch.Tensor, pad_mask: torch.Tensor,
+                question_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """states (B, L, d), pad_mask (B, L) True at padding, question_pad (B, L) True outside the question
+        (needed with question_queries) -> (B, M, d_z)."""
+        x = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
+        if self.question is not None:
+            q = self.question
+            x = x + torch.tanh(self.question_gate) * q["attn"](q["norm_q"](x), q["norm_kv"](states), question_pad)
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.norm_q(x), self.norm_kv(states), pad_mask)
         x = x + torch.tanh(self.mlp_gate) * self.mlp(x)
         return self.out(x)
+
+
+QUESTION_LABEL = b"\nQuestion: "  # latentwire.data.PROMPT_TEMPLATE puts the question after this label
+
+
+def question_padding(byte_ids: torch.Tensor, mask: torch.Tensor, label: bytes = QUESTION_LABEL) -> torch.Tensor:
+    """(B, L) True OUTSIDE the question: the real bytes after the last `label` of each row (the whole prompt when a
+    row has no label, so nothing is ever all-masked)."""
+    b, length = byte_ids.shape
+    n = len(label)
+    positions = torch.arange(length, device=byte_ids.device).expand(b, -1)
+    start = torch.zeros(b, dtype=torch.long, device=byte_ids.device)
+    if length >= n:
+        pattern = torch.tensor(list(label), device=byte_ids.device)
+        hits = (byte_ids.unfold(1, n, 1) == pattern).all(-1)  # (B, L - n + 1): a label starts here
+        last = torch.where(hits, positions[:, : hits.shape[1]], -1).max(dim=1).values
+        start = torch.where(last >= 0, last + n, 0)
+    inside = (positions >= start[:, None]) & mask
+    inside = torch.where(inside.any(dim=1, keepdim=True), inside, mask)  # a label with nothing after it
+    return ~inside
 
 
 class ByteEncoder(nn.Module):
@@ -106,13 +141,20 @@ class ByteEncoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.pooler = LatentPooler(self.n_slots, cfg.d_model, cfg.n_heads, cfg.d_z)
+        self.pooler = LatentPooler(self.n_slots, cfg.d_model, cfg.n_heads, cfg.d_z, cfg.question_queries)
+        self.quantizer = None
+        if cfg.quantizer.kind != "off":  # a learned discrete wire: the slots are de-quantized FSQ codes
+            from latentwire.quantizer import SlotQuantizer
+
+            self.quantizer = SlotQuantizer(cfg.d_z, cfg.m_shared, n_receivers * cfg.m_private, cfg.quantizer)
 
     @property
     def n_slots(self) -> int:
         return self.cfg.m_shared + self.n_receivers * self.cfg.m_private
 
-    def forward(self, byte_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, byte_ids: torch.Tensor, mask: torch.Tensor, with_codes: bool = False):
+        """-> Z (B, M_total, d_z), or (Z, codes (B, M_total) int64 or None) with `with_codes`. With a quantizer Z is
+        the de-quantized value of the codes (straight-through in training), exactly what the wire rebuilds."""
         if byte_ids.shape[1] > self.max_bytes:
             raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
         pad = ~mask
@@ -120,7 +162,11 @@ class ByteEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, pad)
         x = self.norm(x)
-        return self.pooler(x, pad)
+        question_pad = question_padding(byte_ids, mask) if self.cfg.question_queries else None
+        z, codes = self.pooler(x, pad, question_pad), None
+        if self.quantizer is not None:
+            z, codes = self.quantizer(z)
+        return (z, codes) if with_codes else z
 
     def slots_for(self, z: torch.Tensor, receiver_index: int) -> torch.Tensor:
         """Z (B, M_total, d_z) -> the slots receiver `receiver_index` reads: shared then its private ones."""

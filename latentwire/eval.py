@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import zstandard
 
 import kernels
-from latentwire import baselines, metrics, wire
+from latentwire import baselines, metrics
 from latentwire.config import EVAL_METRIC_KEYS, parse_metric_name
 from latentwire.data import PROMPT_TEMPLATE, DataStats, Example, _pad, prompt_parts, prompt_text
 from latentwire.encoder import bytes_to_tensor
@@ -49,7 +49,6 @@ from latentwire.receivers import Receiver
 
 REPLAY_PATHS = ("embed_raw", "embed_anchor", "embed_resampled")
 BUDGET_PATHS = ("token_budget", "byte_budget", "closed_book")  # text-side baselines (latentwire/baselines.py)
-BITS = {"fp16": 16, "int8": 8, "int4": 4}
 
 
 def eval_paths(ev) -> list[str]:
@@ -294,6 +293,9 @@ class Tally:
     payload_bytes: dict = field(default_factory=dict)  # precision -> [bytes per example]
     text_utf8: list = field(default_factory=list)
     text_zstd: list = field(default_factory=list)
+    zstd_dict: object = None  # zstandard.ZstdCompressor with a dictionary trained on TRAINING prompts, or None
+    zstd_dict_bytes: bytes = b""
+    text_zstd_dict: list = field(default_factory=list)
 
     def __post_init__(self):
         fields_ = ("em", "f1", "nll", "top1", "top5", "bytes")
@@ -325,15 +327,17 @@ def evaluate_batch(model: LatentWire, examples: list[Example], rows: list[dict],
     zstd = zstandard.ZstdCompressor(level=19)
     tally.text_utf8 += [len(b) for b in encoded]
     tally.text_zstd += [len(zstd.compress(b)) for b in encoded]  # each prompt alone, as it would be sent
+    if tally.zstd_dict is not None:
+        tally.text_zstd_dict += [len(tally.zstd_dict.compress(b)) for b in encoded]
     byte_ids, byte_mask = bytes_to_tensor(encoded, cfg.data.max_prompt_bytes)
-    z = model.encode(byte_ids.to(device), byte_mask.to(device)).float().cpu()
+    z, codes = model.encoder(byte_ids.to(device), byte_mask.to(device), with_codes=True)
     # The latent paths read what crossed the wire, not the encoder's in-memory tensor.
     built, decoded = _wire_precisions(ev, tally.paths)
-    payloads = {p: wire.encode_batch(z, p, ev.group_size) for p in built}
+    payloads = {p: model.to_wire(z, codes, p, ev.group_size) for p in built}
     payload_lens = {p: [len(b) for b in payloads[p]] for p in built}
     for p in tally.precisions:
         tally.payload_bytes[p] += payload_lens[p]
-    latents = {p: wire.decode_batch(payloads[p]).to(device) for p in decoded}
+    latents = {p: model.from_wire(payloads[p]) for p in decoded}
     for name, receiver in model.receivers.items():
         tally.prompt_tokens[name] += [len(receiver.contract.encode(p)) for p in prompts]
         for path in tally.paths:
@@ -366,6 +370,18 @@ def evaluate_batch(model: LatentWire, examples: list[Example], rows: list[dict],
             rec["bytes"] += [float(b) for b in inp["bytes"]]
 
 
+ZSTD_DICT_SIZE = 16384  # bytes of the trained dictionary (shared state, like the quantizer's levels)
+ZSTD_DICT_SAMPLES = 4000  # training prompts it is trained on
+
+
+def zstd_dictionary(train_examples: list[Example], max_prompt_bytes: int) -> bytes:
+    """A zstd dictionary trained on (up to ZSTD_DICT_SAMPLES of) the TRAINING prompts, deterministically."""
+    step = max(1, len(train_examples) // ZSTD_DICT_SAMPLES)
+    samples = [prompt_text(ex, max_prompt_bytes).encode("utf-8") for ex in train_examples[::step]]
+    size = min(ZSTD_DICT_SIZE, max(256, sum(map(len, samples)) // 10))
+    return zstandard.train_dictionary(size, samples, level=19).as_bytes()
+
+
 def compression(tally: Tally, m_read: int, n_slots: int) -> dict:
     """Per receiver, what the latent saves, each ratio with its denominator named:
     tokens_read = mean prompt tokens / slots that receiver reads; tokens_sent = mean prompt tokens / all slots on
@@ -379,6 +395,9 @@ def compression(tally: Tally, m_read: int, n_slots: int) -> dict:
         out[name] = {"tokens_read": mean_tokens / m_read, "tokens_sent": mean_tokens / n_slots,
                      "bytes_utf8": {p: utf8 / b for p, b in payload.items()},
                      "bytes_zstd": {p: zstd / b for p, b in payload.items()}}
+        if tally.text_zstd_dict:
+            zstd_dict = statistics.fmean(tally.text_zstd_dict)
+            out[name]["bytes_zstd_dict"] = {p: zstd_dict / b for p, b in payload.items()}
     return out
 
 
@@ -404,10 +423,14 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
         "latent_slots": n_slots,  # everything on the wire: shared + every receiver's private slots
         "latent_dim": cfg.encoder.d_z,
         "latent_bytes": {p: statistics.fmean(v) for p, v in tally.payload_bytes.items()},
-        "latent_bytes_ideal": {p: n_slots * cfg.encoder.d_z * BITS[p] / 8 for p in ev.precisions},
+        "latent_bytes_ideal": {p: model.payload_bits_ideal(p) / 8 for p in ev.precisions},
         "group_size": ev.group_size,
         "text_bytes_utf8": statistics.fmean(tally.text_utf8),
         "text_bytes_zstd": statistics.fmean(tally.text_zstd),
+        # zstd-19 with a dictionary trained on the training prompts: the dictionary is shared state, like the
+        # quantizer's levels, and is not counted per example
+        "text_bytes_zstd_dict": statistics.fmean(tally.text_zstd_dict) if tally.text_zstd_dict else None,
+        "zstd_dict_bytes": len(tally.zstd_dict_bytes) if tally.zstd_dict_bytes else None,
         "token_compression": {n: statistics.fmean(tally.prompt_tokens[n]) / m_read for n in model.names},
         "slots_per_receiver": m_read,
         "compression": compression(tally, m_read, n_slots),
@@ -429,10 +452,11 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
 @torch.no_grad()
 def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, features: list[str] | None = None,
              paths: list[str] | None = None, max_examples: int | None = None, latency: bool = True,
-             split: str = "test"):
+             split: str = "test", train_examples: list[Example] | None = None):
     """Evaluate every receiver on `paths` (default: `eval_paths(cfg.eval)`) over `examples`, which are the split
     named `split` ("test" or "validation", recorded in the result). Returns (metrics dict in the contract layout,
-    one predictions row per example).
+    one predictions row per example). `train_examples` (the TRAINING split) train the zstd dictionary the
+    strongest text baseline compresses with (`wire.text_bytes_zstd_dict`).
 
     Every rank must call this with the same arguments when the receivers are ZeRO-3 partitioned (`synced`).
     """
@@ -445,6 +469,9 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
     was_training = model.training
     model.eval()
     tally = Tally(paths, list(model.names), list(ev.precisions))
+    if train_examples:
+        tally.zstd_dict_bytes = zstd_dictionary(train_examples, cfg.data.max_prompt_bytes)
+        tally.zstd_dict = zstandard.ZstdCompressor(level=19, dict_data=zstandard.ZstdCompressionDict(tally.zstd_dict_bytes))
     stats = {src: DataStats() for src in dict.fromkeys(ex.source for ex in examples)}
     rows = [{"id": ex.id, "source": ex.source, "answers": ex.answers, "predictions": {}} for ex in examples]
     for ex in examples:  # count truncations once per example

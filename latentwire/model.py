@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from latentwire import curriculum, features
+from latentwire import curriculum, features, wire
 from latentwire.adapters import Adapter
 from latentwire.config import Config
 from latentwire.encoder import ByteEncoder
@@ -58,6 +58,34 @@ class LatentWire(nn.Module):
     def encode(self, byte_ids: torch.Tensor, byte_mask: torch.Tensor) -> torch.Tensor:
         """bytes (B, L), mask (B, L) -> Z (B, M_total, d_z): everything that goes on the wire."""
         return self.encoder(byte_ids, byte_mask)
+
+    def to_wire(self, z: torch.Tensor, codes: torch.Tensor | None, precision: str, group_size: int) -> list[bytes]:
+        """One payload per example: Z (B, M_total, d_z) as fp16 / int8 / int4 (wire v1), or the quantizer's codes
+        (B, M_total) bit-packed (precision "code", wire v2, its header carrying the levels' hash)."""
+        if precision != "code":
+            return wire.encode_batch(z.float().cpu(), precision, group_size)
+        q = self.encoder.quantizer
+        if q is None or codes is None:
+            raise ValueError("precision 'code' needs encoder.quantizer on (this model sends float slots)")
+        return wire.encode_codes_batch(codes.cpu(), q.levels_per_slot(), q.levels_hash())
+
+    def from_wire(self, payloads: list[bytes]) -> torch.Tensor:
+        """Payloads (one batch, one version) -> Z (B, M_total, d_z) float32 on the encoder's device: what the
+        receivers read. Malformed payloads raise wire.WireFormatError."""
+        device = next(self.encoder.parameters()).device
+        if payloads and wire.payload_version(payloads[0]) == 2:
+            q = self.encoder.quantizer
+            if q is None:
+                raise wire.WireFormatError("a code payload (wire v2) for a model without encoder.quantizer")
+            codes = wire.decode_codes_batch(list(payloads), q.levels_per_slot(), q.levels_hash())
+            return q.codes_to_latent(codes.to(device)).float()
+        return wire.decode_batch(list(payloads)).to(device)
+
+    def payload_bits_ideal(self, precision: str) -> float:
+        """Bits of the slots alone (no header, no scales): M_total * d_z * bits, or the codes' bits."""
+        if precision == "code":
+            return float(sum(self.encoder.quantizer.bits_per_slot()))
+        return float(self.encoder.n_slots * self.cfg.encoder.d_z * {"fp16": 16, "int8": 8, "int4": 4}[precision])
 
     def prefix(self, z: torch.Tensor, name: str) -> torch.Tensor:
         """Z (B, M_total, d_z) -> calibrated soft tokens P (B, M_shared + M_private, H) for receiver `name`."""

@@ -33,43 +33,11 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-KINDS = ("off", "fsq")
-MAX_LEVEL = 2**16  # per FSQ dimension: float32 rounding must resolve every step
-MAX_CODEBOOK = 2**32  # per slot: a code travels as at most 32 bits
-
-
-@dataclass
-class QuantizerConfig:
-    kind: str = "off"  # "off" (float latent on the wire) | "fsq" (finite scalar quantization, codes on the wire)
-    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ levels per dimension of a shared slot
-    private_levels: list[int] = field(default_factory=list)  # FSQ levels of private slots; empty = same as levels
-
-
-def validate_levels(levels: Sequence[int], key: str) -> None:
-    """Raise ValueError naming `key` unless `levels` is a non-empty list of ints in [2, 2**16], product <= 2**32."""
-    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
-        raise ValueError(f"{key}: expected a non-empty list of integers >= 2, e.g. [8, 5, 5, 5]; got {levels!r}")
-    for i, level in enumerate(levels):
-        if isinstance(level, bool) or not isinstance(level, int) or not 2 <= level <= MAX_LEVEL:
-            raise ValueError(f"{key}.{i}: each level must be an integer in [2, {MAX_LEVEL}], got {level!r}")
-    if math.prod(levels) > MAX_CODEBOOK:
-        raise ValueError(f"{key}: product of levels {list(levels)} is {math.prod(levels)}, over 2**32 "
-                         f"(a slot's code must fit in 32 bits)")
-
-
-def validate_quantizer_config(cfg: QuantizerConfig, key: str = "encoder.quantizer") -> None:
-    """Raise ValueError naming the offending field (`<key>.kind`, `<key>.levels.2`, ...)."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"{key}.kind: expected one of {list(KINDS)}, got {cfg.kind!r}")
-    if cfg.kind == "fsq":
-        validate_levels(cfg.levels, f"{key}.levels")
-        if cfg.private_levels:
-            validate_levels(cfg.private_levels, f"{key}.private_levels")
+from latentwire.config import QuantizerConfig, validate_levels, validate_quantizer_config  # noqa: F401  (re-exported)
 
 
 def bits_for(codebook_size: int) -> int:

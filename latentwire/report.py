@@ -1,6 +1,9 @@
 """Evaluation reports: `report.md` (one results table per dataset, the wire and latency tables) and PNG plots.
 
     em_by_path.png       EM and F1 per path, one bar per receiver
+    em_vs_bytes.png      per receiver, EM against the mean bytes each path sends: the latent at every wire
+                         precision, the text cut to the same bytes (byte_budget*), the full text; the text's
+                         UTF-8, zstd and zstd+dictionary sizes as vertical lines
     training_curves.png  from the run's metrics.jsonl: loss parts (loss, ce/*, kd/*), first-token accuracy, lr,
                          and the periodic held-out metric (eval/*) when training logged one
 
@@ -18,6 +21,7 @@ from pathlib import Path
 REPORT_FILE = "report.md"
 EM_PLOT = "em_by_path.png"
 CURVES_PLOT = "training_curves.png"
+BYTES_PLOT = "em_vs_bytes.png"
 CONTRACT_PATHS = ("text", "latent", "token_budget", "closed_book")  # the paths every metrics.json has (older ones lack "paths")
 
 
@@ -84,7 +88,7 @@ def report_markdown(result: dict) -> str:
     data = result.get("data", {})
     sources = data.get("sources", {})
     parts = ["# LatentWire evaluation", "",
-             f"{result['n_examples']} held-out examples; latent paths decode the real `{result['wire_precision']}` "
+             f"{result['n_examples']} {result.get('split', 'held-out')} examples; latent paths decode the real `{result['wire_precision']}` "
              "payload (`latent_<precision>` the others); greedy decoding to EOS or max_new_tokens. EM/F1 in %, "
              "first-token accuracy in %, NLL per answer token (answer + EOS), bytes = mean bytes the path sends."]
     if len(sources) > 1:
@@ -95,7 +99,8 @@ def report_markdown(result: dict) -> str:
                   results_table(result, src)]
     if not sources:
         parts += ["", results_table(result)]
-    parts += ["", "## Wire", "", wire_line(result), "", wire_table(result),
+    parts += ["", "## Wire", "", wire_line(result), "", wire_table(result), "", "## Quality against bytes", "",
+              bytes_table(result),
               "", "## Latency", "", latency_table(result)]
     if result.get("features"):
         parts += ["", f"Active features: {', '.join(result['features'])}"]
@@ -113,6 +118,60 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _bytes_points(result: dict, name: str) -> list[tuple[str, float, float, float]]:
+    """(path, mean bytes sent, EM, F1) of every latent and text path of `name` that sends bytes."""
+    points = []
+    for p in _paths(result):
+        if p.startswith(("latent", "byte_budget")) or p == "text":
+            e = result[name][p]
+            points.append((p, e.get("bytes", 0.0), e["em"], e["f1"]))
+    return points
+
+
+def bytes_table(result: dict) -> str:
+    """Per receiver and path: mean bytes sent, EM, F1; the text's compressed sizes underneath."""
+    lines = ["| receiver | path | bytes sent | EM | F1 |", "|---|---|---:|---:|---:|"]
+    for name in result["receivers"]:
+        for p, nbytes, em, f1 in sorted(_bytes_points(result, name), key=lambda t: t[1]):
+            lines.append(f"| {name} | {p} | {nbytes:.0f} | {em:.2f} | {f1:.2f} |")
+    w = result["wire"]
+    sizes = [f"UTF-8 {w['text_bytes_utf8']:.0f} B", f"zstd-19 {w['text_bytes_zstd']:.0f} B"]
+    if w.get("text_bytes_zstd_dict"):
+        sizes.append(f"zstd-19 + a {w['zstd_dict_bytes']} B dictionary trained on the training prompts "
+                     f"{w['text_bytes_zstd_dict']:.0f} B (the dictionary is shared state, not counted per example)")
+    return "\n".join(lines) + "\n\nThe full prompt: " + "; ".join(sizes) + "."
+
+
+def plot_em_vs_bytes(result: dict, path: Path) -> Path:
+    plt = _pyplot()
+    names = result["receivers"]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+    w = result["wire"]
+    for ax, name in zip(axes[0], names):
+        points = _bytes_points(result, name)
+        for kind, marker in (("latent", "o"), ("byte_budget", "s"), ("text", "*")):
+            sel = [pt for pt in points if pt[0].startswith(kind)]
+            ax.scatter([pt[1] for pt in sel], [pt[2] for pt in sel], marker=marker, s=60, label=kind)
+            for pt in sel:
+                ax.annotate(pt[0].replace("byte_budget", "bb").replace("latent", "lat"), (pt[1], pt[2]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        lines = [("UTF-8", w["text_bytes_utf8"]), ("zstd", w["text_bytes_zstd"]),
+                 ("zstd+dict", w.get("text_bytes_zstd_dict"))]
+        for (label, x), style in zip(lines, ("-", "--", ":")):
+            if x:
+                ax.axvline(x, color="gray", linestyle=style, label=f"text {label} {x:.0f} B")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean bytes sent per example (payload with header / text bytes)")
+        ax.set_ylabel("EM (%)")
+        ax.set_title(f"{name}: EM against bytes ({result['n_examples']} {result.get('split', '')} examples)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_em_by_path(result: dict, path: Path) -> Path:
@@ -182,6 +241,7 @@ def write_report(result: dict, out_dir: str | Path, metrics_jsonl: str | Path | 
     written[0].write_text(report_markdown(result))
     if plots:
         written.append(plot_em_by_path(result, out / EM_PLOT))
+        written.append(plot_em_vs_bytes(result, out / BYTES_PLOT))
         rows = read_metrics_jsonl(Path(metrics_jsonl)) if metrics_jsonl and Path(metrics_jsonl).is_file() else []
         curves = plot_training_curves(rows, out / CURVES_PLOT) if rows else None
         if curves is not None:

@@ -187,7 +187,7 @@ def test_report_has_a_table_per_dataset(evaluated, tmp_path):
              "lr": 1e-3 * s, **({"eval/latent_f1_mean": 1.0 * s} if s % 2 == 0 else {})} for s in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = report.write_report(result, tmp_path, tmp_path / "metrics.jsonl")
-    assert sorted(p.name for p in written) == ["em_by_path.png", "report.md", "training_curves.png"]
+    assert sorted(p.name for p in written) == ["em_by_path.png", "em_vs_bytes.png", "report.md", "training_curves.png"]
     for png in written[1:]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "report.md").read_text()
@@ -213,7 +213,12 @@ def test_periodic_eval_and_best_checkpoint(model, tmp_path):
     assert not CK.update_best(root, root / "step_4", float("nan"), "latent_f1_mean")
     assert os.readlink(root / "best") == "step_2" and CK.best_checkpoint(root) == (root / "step_2").resolve()
     assert CK.update_best(root, root / "step_6", 12.5, "latent_f1_mean")
-    assert CK.read_best(root) == {"metric": "latent_f1_mean", "value": 12.5, "checkpoint": "step_6", "step": 6}
+    assert CK.read_best(root) == {"metric": "latent_f1_mean", "value": 12.5, "checkpoint": "step_6", "step": 6,
+                                  "split": None}
+    # A record measured on another validation set (a data-curriculum stage changed it) does not block a new one.
+    assert CK.update_best(root, root / "step_4", 1.0, "latent_f1_mean", split="other-validation-set")
+    assert not CK.update_best(root, root / "step_2", 0.5, "latent_f1_mean", split="other-validation-set")
+    assert CK.update_best(root, root / "step_6", 12.5, "latent_f1_mean")
     # NLL is lower-is-better; a record of another metric does not block the first value of this one.
     assert CK.update_best(root, root / "step_8", 5.0, "latent_nll_mean")
     assert not CK.update_best(root, root / "step_6", 5.5, "latent_nll_mean")
@@ -258,8 +263,8 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
     assert m["split"] == "test"
     assert m["wire"]["latent_bytes"]["fp16"] > m["wire"]["latent_bytes"]["int8"] > m["wire"]["latent_bytes"]["int4"]
     assert set(m["latency"]) == {"llama", "qwen"} and m["features"] == []
-    assert sorted(p.name for p in out.iterdir()) == ["em_by_path.png", "metrics.json", "predictions.jsonl",
-                                                    "report.md", "training_curves.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["em_by_path.png", "em_vs_bytes.png", "metrics.json",
+                                                    "predictions.jsonl", "report.md", "training_curves.png"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(set(r) == {"id", "source", "answers", "predictions", "inputs"} for r in rows)
     val = tmp_path / "eval_val"
@@ -274,8 +279,20 @@ def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):
     from tests.conftest import read_jsonl, train_cmd
 
     out = tmp_path / "run"
-    run_cli(train_cmd(out, steps=4, extra=["eval.every=1", "eval.periodic_examples=2", "train.keep_last=1",
-                                           "eval.best_metric=latent_nll_mean", "eval.at_end=false"]))
+    proc = run_cli(train_cmd(out, steps=4, extra=["eval.every=1", "eval.periodic_examples=2", "train.keep_last=1",
+                                                  "eval.best_metric=latent_nll_mean", "eval.at_end=false",
+                                                  "train.log_every=2"]))
+    # Output to a file (not a terminal): plain progress lines every log_every steps, no redrawn bar.
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("step ") and " loss " in x]
+    assert [x.split()[1] for x in lines] == ["2/4", "4/4"] and "\r" not in proc.stdout + proc.stderr
+    # TensorBoard gets the loss, the learning rate and the periodic validation metrics.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "eval/latent_em/llama", "eval/latent_nll_mean"} <= tags, sorted(tags)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     values = [r["eval/latent_nll_mean"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(values) == 4
     root = out / "checkpoints"
