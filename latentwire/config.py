@@ -117,6 +117,7 @@ class EncoderConfig:
     m_private: int = 4  # extra slots per receiver (0 = fully shared)
     dropout: float = 0.0  # dropout inside the byte transformer
     question_queries: bool = False  # pooler queries read the question first, then attend over the prompt
+    local_mix: int = 0  # > 1: a depthwise conv over this many preceding bytes before the transformer (0 = off)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # off: float slots on the wire
 
 
@@ -133,6 +134,7 @@ class LossConfig:
     ce_weight: float = 1.0  # weight of the K-token cross-entropy
     kd_weight: float = 0.5  # weight of KD from the text teacher (and configured teachers)
     kd_temperature: float = 1.0  # KD softmax temperature tau
+    reconstruction_weight: float = 0.0  # > 0: the receiver reading P must also reproduce the prompt's tokens (ICAE)
     text_teacher_weight: float = 1.0  # weight of the receiver reading the full text among KD teachers
 
 
@@ -431,6 +433,7 @@ def validate(cfg: Config) -> None:
     _check_positive("losses.kd_temperature", cfg.losses.kd_temperature)
     _check_positive("losses.ce_weight", cfg.losses.ce_weight, allow_zero=True)
     _check_positive("losses.kd_weight", cfg.losses.kd_weight, allow_zero=True)
+    _check_positive("losses.reconstruction_weight", cfg.losses.reconstruction_weight, allow_zero=True)
     _check_positive("losses.text_teacher_weight", cfg.losses.text_teacher_weight, allow_zero=True)
     for key in ("latent_keep_start", "latent_keep_end"):
         value = getattr(cfg.curriculum, key)
@@ -526,6 +529,7 @@ def apply_baseline_verification(cfg: Config) -> None:
     cfg.features = FeaturesConfig()
     cfg.curriculum = CurriculumConfig()
     cfg.losses.kd_weight = 0.0
+    cfg.losses.reconstruction_weight = 0.0
     for rec in cfg.receivers:
         rec.teachers = []
 

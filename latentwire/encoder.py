@@ -65,6 +65,23 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class LocalMix(nn.Module):
+    """x + W * gelu(depthwise_conv(norm(x))): each byte state also sums the `kernel` bytes up to and including it,
+    so a word's last byte sees the whole word (the value after a name sees the name). Padding is zeroed first."""
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.kernel = kernel
+        self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x).masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)  # (B, d, L)
+        h = self.conv(F.pad(h, (self.kernel - 1, 0))).transpose(1, 2)  # left context only: (B, L, d)
+        return x + self.proj(F.gelu(h))
+
+
 class LatentPooler(nn.Module):
     """Learned queries (M, d) attend to byte states; out = q + tanh(gate) * attn, then a gated MLP.
 
@@ -138,6 +155,7 @@ class ByteEncoder(nn.Module):
         # bag of bytes and is slow to tell words apart (measured in the toy world: 10% vs 45% value accuracy after
         # 750 steps, docs/toy.md).
         self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model))
+        self.local = LocalMix(cfg.d_model, cfg.local_mix) if cfg.local_mix > 1 else None
         self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -159,6 +177,8 @@ class ByteEncoder(nn.Module):
             raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
         pad = ~mask
         x = self.embed(byte_ids) + self.pos[: byte_ids.shape[1]]
+        if self.local is not None:
+            x = self.local(x, pad)
         for layer in self.layers:
             x = layer(x, pad)
         x = self.norm(x)

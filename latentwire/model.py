@@ -129,6 +129,11 @@ class LatentWire(nn.Module):
                 loss = loss + cfg.losses.kd_weight * res["kd"]
                 parts[f"kd/{name}"] = float(res["kd"].detach())
             parts[f"first_tok_acc/{name}"] = res["first_tok_acc"]
+            if cfg.losses.reconstruction_weight > 0:
+                with features.latent_context(self, name, z, prefix):
+                    recon = self.reconstruction(name, prefix, rb)
+                loss = loss + cfg.losses.reconstruction_weight * recon
+                parts[f"recon/{name}"] = float(recon.detach())
             total = total + loss
             if diagnose:
                 n_recv = len(self.receivers)
@@ -139,6 +144,21 @@ class LatentWire(nn.Module):
         if diagnose:
             parts.update(self.diagnostics(z_wire, first_logits, terms))
         return {"loss": total / len(self.receivers), "parts": parts}
+
+    def reconstruction(self, name: str, prefix: torch.Tensor, rb: dict) -> torch.Tensor:
+        """Auxiliary loss (losses.reconstruction_weight, as ICAE / ARC-Encoder pretrain their encoders): receiver
+        `name` reads [P (B, M, H)][BOS?][prompt] teacher-forced and must predict every prompt token from P alone;
+        the mean token CE over this micro-batch. It trains the latent to carry the whole context, facts the
+        question did not ask about included, which the receiver then reads with its own text circuits."""
+        receiver = self.receivers[name]
+        ids, mask = rb["text_ids"], rb["text_mask"]
+        start = 1 if receiver.contract.text_bos else 0  # the first prompt token inside the text sequence
+        ends = rb["text_answer_start"] - len(receiver.contract.anchor_ids)  # the prompt stops at the anchor
+        k = int(ends.max()) - start
+        hidden = receiver.latent_pass(prefix, ids, mask, start, k)  # (B, k, H): position t predicts prompt token t
+        positions = torch.arange(start, start + k, device=ids.device)
+        targets = ids[:, start:start + k].masked_fill(positions[None] >= ends[:, None], -100)
+        return self.heads[name](hidden, targets)["ce"]
 
     def diagnostics(self, z: torch.Tensor, first_logits: dict[str, torch.Tensor],
                     terms: dict[str, torch.Tensor]) -> dict[str, float]:

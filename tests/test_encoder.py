@@ -57,3 +57,28 @@ def test_adapter_calibrates_each_example_to_target_rms():
     p = adapter(z)
     rms = p.pow(2).mean(dim=(1, 2)).sqrt()
     torch.testing.assert_close(rms, torch.full((3,), 0.02), atol=1e-5, rtol=1e-4)
+
+
+def test_question_padding_marks_the_bytes_after_the_last_question_label():
+    from latentwire.encoder import question_padding
+
+    prompts = [b"Context: Question: is in the context\nQuestion: Who?\n", b"no label at all", b"x\nQuestion: "]
+    ids, mask = bytes_to_tensor(prompts, 128)
+    inside = ~question_padding(ids, mask)
+    assert [bytes(ids[i][inside[i]].tolist()) for i in range(3)] == [b"Who?\n", b"no label at all", b"x\nQuestion: "]
+
+
+def test_question_queries_and_local_mix_stay_padding_invariant_and_train():
+    """The two encoder options: the prompt's padding changes nothing, and every new parameter gets a gradient."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(d_model=32, n_layers=1, n_heads=4, d_z=16, m_shared=4, m_private=1, question_queries=True,
+                        local_mix=8)
+    enc = ByteEncoder(cfg, n_receivers=2, max_bytes=128)
+    short, long = b"Context: Ida Roth elk.\nQuestion: What does Ida Roth have?\n", b"x" * 100
+    alone = enc(*bytes_to_tensor([short], 128))
+    batched = enc(*bytes_to_tensor([short, long], 128))
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
+    batched.square().sum().backward()
+    for name, p in enc.named_parameters():
+        if name.startswith(("local.", "pooler.question")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
