@@ -6,7 +6,8 @@
 # through the real launcher on 2 CPU ranks with ZeRO-3, keeps the checkpoint that does best on VALIDATION, rebuilds
 # the model from that checkpoint alone and evaluates it once on the TEST split (people never seen in training or
 # validation). Prints what each receiver answers from the latent against what it answers from the text, from the
-# text cut to the latent's token budget (question kept) and from the question alone, with the wire's bytes.
+# text cut to the latent's token budget (question kept) and from the question alone, with the wire's bytes: the
+# slots travel as learned discrete codes (FSQ, a few bits per slot, wire format v2).
 # Results: runs/demo/eval (metrics.json, report.md, em_vs_bytes.png, training_curves.png); curves:
 # `tensorboard --logdir runs/demo`.
 set -euo pipefail
@@ -21,7 +22,7 @@ echo "== training: 2 ranks, ZeRO-3 (frozen receivers partitioned), validation ev
 deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config configs/demo.json \
     --output_dir "$OUT" --set eval.at_end=false \
     --set "data.train_files=[\"$OUT/data/train.json\"]" --set "data.val_files=[\"$OUT/data/val.json\"]" \
-    --set "data.eval_files=[\"$OUT/data/test.json\"]" "$@" 2>&1 | grep -v "^\[20\|^\[rank" || true
+    --set "data.eval_files=[\"$OUT/data/test.json\"]" "$@" 2>&1 | grep --line-buffered -v "^\[20\|^\[rank" || true
 test -e "$OUT/checkpoints/best" || { echo "training did not finish: no $OUT/checkpoints/best" >&2; exit 1; }
 echo "== evaluating $OUT/checkpoints/best (chosen on validation) on the test split"
 python launch/eval.py --checkpoint "$OUT/checkpoints/best" --output_dir "$OUT/eval" >/dev/null
@@ -40,9 +41,10 @@ for name in m["receivers"]:
           f"| {r['closed_book']['em']:.1f} |")
 comp = w["compression"][m["receivers"][0]]
 prec = m["wire_precision"]
-print(f"\nwire: {w['latent_slots']} slots x {w['latent_dim']} dims, {w['latent_bytes'][prec]:.0f} B per example at "
-      f"{prec} (header included); the prompt is {w['text_bytes_utf8']:.0f} B UTF-8, {w['text_bytes_zstd']:.0f} B zstd; "
-      f"tokens_sent {comp['tokens_sent']:.2f}x (prompt tokens per slot on the wire)")
+print(f"\nwire: {w['latent_slots']} slots, {w['latent_bytes'][prec]:.0f} B per example as {prec} (FSQ codes, header "
+      f"included) against the prompt's {w['text_bytes_utf8']:.0f} B UTF-8 / {w['text_bytes_zstd']:.0f} B zstd: "
+      f"{comp['bytes_utf8'][prec]:.1f}x fewer bytes than UTF-8, tokens_sent {comp['tokens_sent']:.2f}x (prompt tokens "
+      "per slot on the wire)")
 share = [f"{b / info['frozen_bytes_total']:.0%}" for b in info["frozen_bytes_per_rank"]]
 print(f"run: {info['world_size']} ranks, ZeRO-{info['zero_stage']}, frozen bytes per rank {share}; "
       f"{time.time() - t0:.0f} s in all")
