@@ -5,6 +5,8 @@ surrounds it (the LM head for the two losses) and written as Triton kernels with
     kernels.k_token_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean")
     kernels.kd_softmax_loss(hidden, weight, teacher_logits, temperature=1.0, teacher_weights=None, mask=None)
     kernels.kd_topk_loss(hidden, weight, topk_ids, topk_logprobs, temperature=1.0, mask=None)   (PyTorch only)
+    kernels.lm_head_logits(hidden, weight) -> (N, V) fp32; kernels.lm_head_argmax(hidden, weight) -> (N,)
+        (a few rows of full logits, e.g. teacher logits at K positions, without an fp32 copy of a bf16 head)
 
 hidden (N, H) are the student's final hidden states, weight (V, H) its LM head, teacher_logits (T, N, V).
 Which implementation runs is decided per call from the first tensor argument:
@@ -25,6 +27,7 @@ import os
 
 import torch
 
+from kernels._lm_head import lm_head_argmax, lm_head_logits
 from kernels._triton_compat import HAS_TRITON, LAUNCH_COUNTS, interpreter_enabled
 from kernels.k_token_ce import KTokenCEFunction, k_token_ce_naive, k_token_ce_reference
 from kernels.kd_softmax import (KDSoftmaxFunction, KDTopKFunction, kd_softmax_naive, kd_softmax_reference,
@@ -128,7 +131,7 @@ def kd_topk_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Ten
 
 
 __all__ = [
-    "rms_calibrate", "k_token_cross_entropy", "kd_softmax_loss", "kd_topk_loss",
+    "rms_calibrate", "k_token_cross_entropy", "kd_softmax_loss", "kd_topk_loss", "lm_head_logits", "lm_head_argmax",
     "rms_calibrate_reference", "k_token_ce_reference", "kd_softmax_reference", "kd_topk_reference",
     "rms_calibrate_naive", "k_token_ce_naive", "kd_softmax_naive", "kd_topk_naive",
     "triton_available", "select_backend", "last_backend", "triton_launch_counts",

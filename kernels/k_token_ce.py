@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, mm_fp32, operand_dtype, stat_dtype,
-                              vocab_chunk_cols)
+from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, head_chunk_cols, mm_fp32, operand_dtype,
+                              stat_dtype)
 from kernels._triton_compat import launch, next_power_of_2, tl, triton
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def k_token_ce_forward(hidden, weight, targets, need_dhidden, backend):
     s = torch.zeros(n_rows, dtype=stat, device=hidden.device)
     alpha = torch.empty_like(s)
     acc = torch.zeros(n_rows, width, dtype=stat, device=hidden.device) if need_dhidden else None
-    cols = vocab_chunk_cols(n_rows, vocab)
+    cols = head_chunk_cols(n_rows, weight)
     buffer = chunk_buffer(n_rows, cols, stat, hidden.device)
     for v0 in range(0, vocab, cols):
         w_chunk = weight[v0:v0 + cols]
@@ -195,7 +195,7 @@ def k_token_ce_dweight(hidden, weight, targets, lse, row_scale, backend):
     op_dtype = operand_dtype(weight)
     h_op = hidden.to(op_dtype)
     dweight = torch.empty_like(weight)
-    cols = vocab_chunk_cols(n_rows, vocab)
+    cols = head_chunk_cols(n_rows, weight)
     buffer = chunk_buffer(n_rows, cols, stat_dtype(op_dtype), hidden.device)
     for v0 in range(0, vocab, cols):
         w_chunk = weight[v0:v0 + cols]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, mm_fp32, operand_dtype, stat_dtype,
-                              vocab_chunk_cols)
+from kernels._lm_head import (addmm_fp32_, chunk_buffer, chunk_view, head_chunk_cols, mm_fp32, operand_dtype,
+                              stat_dtype)
 from kernels._triton_compat import launch, next_power_of_2, tl, triton
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def kd_softmax_forward(hidden, weight, teacher_logits, rows, teacher_w, temperat
     inv_tau, tau = 1.0 / temperature, float(temperature)
     # The reference path holds three chunk-sized fp32 blocks (logits, p_bar, a temporary), so chunks are a third
     # as wide as for the cross-entropy; the Triton path needs only the logits (and a bf16 gradient on CUDA).
-    cols = vocab_chunk_cols(n_rows, vocab, n_blocks=3)
+    cols = head_chunk_cols(n_rows, weight, n_blocks=3)
     buffer = chunk_buffer(n_rows, cols, stat, hidden.device)
     scratch_buffers = [] if backend == "triton" else [chunk_buffer(n_rows, cols, stat, hidden.device)
                                                       for _ in range(2)]
@@ -366,7 +366,7 @@ def kd_topk_forward(hidden, weight, topk_ids, topk_logprobs, temperature, need_d
     stat = stat_dtype(op_dtype)
     h_op = hidden.to(op_dtype)
     inv_tau, tau = 1.0 / temperature, float(temperature)
-    cols = vocab_chunk_cols(n_rows, vocab)
+    cols = head_chunk_cols(n_rows, weight)
 
     def scaled_logits(v0):
         return mm_fp32(h_op, weight[v0:v0 + cols].t()).mul_(inv_tau)

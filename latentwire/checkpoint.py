@@ -242,8 +242,18 @@ def load_engine_state(engine, path: Path) -> dict:
     return read_trainer_state(path)
 
 
-def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = None):
-    """Rebuild config, receivers and trainable weights from a checkpoint directory alone -> (cfg, model)."""
+def default_device() -> torch.device:
+    """Where evaluation runs: this process's GPU when there is one (latency is then synchronized, see
+    latentwire/eval.py), the CPU otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = None,
+                          device: str | torch.device | None = None):
+    """Rebuild config, receivers and trainable weights from a checkpoint directory alone -> (cfg, model), the model
+    on `device` (default: left on the CPU, where it is built; launch/eval.py passes `default_device()`)."""
     from safetensors.torch import load_file
 
     from latentwire.model import LatentWire
@@ -270,4 +280,6 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | None = 
                          f"(missing {missing}, unexpected {unexpected})")
     model.load_state_dict(state, strict=False)
     model.eval()
+    if device is not None:
+        model.to(device)
     return cfg, model

@@ -3,6 +3,13 @@ and the ZeRO-3 helpers (`is_partitioned`, `gathered`, `frozen_bytes`) and rank a
 
 `build_ds_config` fills every "auto" (or missing) value of a DeepSpeed JSON baseline from the LatentWire config,
 the world size and the receivers' hidden size H, and asserts global = micro * accumulation * world.
+
+Precision: the engine's config keeps DeepSpeed's bf16/fp16 modes off unless the JSON turns them on, so the small
+trainables keep fp32 weights and Adam state (DeepSpeed's bf16 mode would cast the whole wrapped module, trainables
+included, and run them in bf16). The frozen receivers and teachers carry their own dtype (`receivers[].dtype`):
+`partitioned_loading(ds_config, dtype)` hands `zero.Init` a loading config with that precision enabled
+(`zero_init_config`), because zero.Init casts every parameter it partitions to fp32 when the config enables neither
+bf16 nor fp16, whatever dtype `from_pretrained` was given.
 """
 
 from __future__ import annotations
@@ -69,12 +76,19 @@ def build_ds_config(base: dict, micro_batch: int, grad_accum: int, world_size: i
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if not cuda and not offload:
         params["torch_adam"] = True  # the fused Adam op needs a GPU
-    elif params.get("torch_adam") == "auto":
-        params.pop("torch_adam")
+    elif params.get("torch_adam", "auto") == "auto":
+        # On GPU, torch's own AdamW (foreach / fused CUDA kernels): DeepSpeed's FusedAdam is a C++/CUDA op that a
+        # pure-Python DeepSpeed install must JIT-compile first (nvcc + ninja, minutes), for trainables of a few
+        # tens of millions of parameters whose update costs nothing next to the frozen forwards. With optimizer
+        # offload DeepSpeed's CPU Adam runs instead.
+        if offload:
+            params.pop("torch_adam", None)
+        else:
+            params["torch_adam"] = True
     for precision in ("bf16", "fp16"):
         if precision in ds:
-            # Trainables stay fp32 on CPU ranks; on GPU "auto" means bf16 master weights off as well, because the
-            # frozen receivers carry their own dtype and the trainables are small.
+            # "auto" keeps DeepSpeed's mixed precision off, on GPU too: it would cast the trainables (small, kept
+            # fp32) to bf16. The frozen models keep their own dtype through `zero_init_config` when they load.
             _fill(ds[precision], "enabled", False)
             if ds[precision]["enabled"] and not cuda:
                 raise DSConfigError(f"{precision} training needs CUDA; this run has none")
@@ -175,6 +189,18 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest `value` over all ranks (all-reduce MAX; a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
     """True for a ZeRO-3 partitioned parameter (its full data lives only inside a gather)."""
     return hasattr(param, "ds_id")
@@ -221,18 +247,39 @@ def gather_object(value) -> list:
     return out
 
 
+# DeepSpeed config section enabling each half precision; zero.Init reads the dtype it partitions in from these.
+_PRECISION_SECTIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # receivers[].dtype
+
+
+def zero_init_config(ds_config: dict, dtype: torch.dtype | str | None) -> dict:
+    """The config `zero.Init` reads while frozen weights of `dtype` load: `ds_config` with exactly that precision
+    enabled (bf16 or fp16) or neither (fp32). `deepspeed.zero.Init` takes its partition dtype from the config's
+    bf16/fp16 flags alone when HF calls it, so without this a bf16 receiver is stored in fp32 (twice the memory the
+    planner counts). Only the loading sees it: the engine keeps `ds_config`, and with it fp32 trainables."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise DSConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
+        dtype = _DTYPE_NAMES[dtype]
+    out = copy.deepcopy(ds_config)
+    for half, section in _PRECISION_SECTIONS.items():
+        out[section] = {**out.get(section, {}), "enabled": dtype == half}
+    return out
+
+
 @contextlib.contextmanager
-def partitioned_loading(ds_config: dict | None):
+def partitioned_loading(ds_config: dict | None, dtype: torch.dtype | str | None = None):
     """While alive, `from_pretrained` partitions weights as they load (HF's ZeRO-3 integration): pass a ZeRO-3
-    DeepSpeed config, or None for plain loading. HF holds only a weak reference to its DeepSpeed config, so this
-    keeps it alive for the block and unsets it afterwards, so nothing else is affected."""
+    DeepSpeed config, or None for plain loading, and the dtype the weights load in (`receivers[].dtype`; None keeps
+    whatever precision `ds_config` enables). HF holds only a weak reference to its DeepSpeed config, so this keeps
+    it alive for the block and unsets it afterwards, so nothing else is affected."""
     if ds_config is None:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations import deepspeed as hf_ds
 
-    keep = HfDeepSpeedConfig(ds_config)
+    keep = HfDeepSpeedConfig(ds_config if dtype is None else zero_init_config(ds_config, dtype))
     try:
         yield keep
     finally:

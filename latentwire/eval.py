@@ -437,6 +437,7 @@ def summarise(model: LatentWire, tally: Tally, examples: list[Example], stats: d
     }
     result["latency"] = ({n: {p: {k: _median_p90(v) for k, v in tally.latency[n][p].items()} for p in tally.paths}
                           for n in model.names} if latency else {})
+    result["device"] = next(model.encoder.parameters()).device.type  # "cuda" when evaluated on a GPU
     result["features"] = list(features or [])
     result["wire_precision"] = ev.wire_precision
     result["n_examples"] = len(examples)

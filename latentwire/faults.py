@@ -11,10 +11,16 @@ stuck in a collective):
     REQUEUE_EXIT_CODE (76)  SIGUSR1 (slurm's warning before the time limit): a checkpoint was saved on every rank;
         the sbatch scripts answer with `scontrol requeue`.
 
-Every decision is agreed on by all ranks (`distributed.any_rank`), so ranks never leave each other waiting in a
-collective. Fault injection for tests: LATENTWIRE_INJECT_OOM_AT_STEP (1-based optimizer step, once per run
-directory), LATENTWIRE_INJECT_OOM_RANK (only that rank), LATENTWIRE_INJECT_NAN_AT_STEP (comma list: the loss
-becomes NaN). Tests: `python -m pytest tests/test_reliability.py tests/test_supervise.py -q`.
+Decisions are agreed on by all ranks (`distributed.any_rank`) wherever the ranks can meet in a collective. An
+out-of-memory error is agreed on only where no collective can be pending: the forward under ZeRO <= 2
+(`forward_agreed`, then the trainer backs off in process). A ZeRO-3 forward gathers parameters, and every backward
+and optimizer step reduces gradients, so an OOM there is the failing rank's alone: it persists the halved layout
+itself and leaves at once (`leave_for_relaunch`, no collective), the launcher ends its peers, and a peer whose
+collective fails first sees the request in run_state.json (`peer_requested_relaunch`) and exits with the same
+code. Fault injection for tests: LATENTWIRE_INJECT_OOM_AT_STEP (1-based optimizer step, once per run directory),
+LATENTWIRE_INJECT_OOM_RANK (only that rank), LATENTWIRE_INJECT_OOM_PHASE (forward | backward | step; default
+forward), LATENTWIRE_INJECT_NAN_AT_STEP (comma list: the loss becomes NaN).
+Tests: `python -m pytest tests/test_reliability.py tests/test_supervise.py tests/test_oom_phases.py -q`.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from latentwire.distributed import any_rank
+from latentwire.distributed import any_rank, max_over_ranks
 
 from latentwire.exit_codes import OOM_RESTART_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: F401  (raised with Relaunch)
 
@@ -43,7 +51,7 @@ class Relaunch(Exception):
 
 
 class StepOOM(Exception):
-    """Some rank ran out of memory during this optimizer step; nothing of the step was applied."""
+    """Every rank agreed that some rank ran out of memory in this step's forward; nothing of the step was applied."""
 
 
 class NonFiniteError(RuntimeError):
@@ -81,15 +89,30 @@ def read_run_state(out: Path) -> dict:
         raise RuntimeError(f"{path} is corrupt ({err}); delete it to start from the configured micro-batch") from None
 
 
-def write_run_state(out: Path, micro_batch: int, grad_accum: int, oom_events: int, injected_step: int | None) -> None:
-    """Rank 0: persist the layout (atomically), adding `injected_step` to the injected OOMs already fired."""
+def write_run_state(out: Path, micro_batch: int, grad_accum: int, oom_events: int, injected_step: int | None,
+                    relaunch: bool = False) -> None:
+    """Persist the layout atomically, adding `injected_step` to the injected OOMs already fired; `relaunch` also
+    records that this process asked for a relaunch, and when (`peer_requested_relaunch` reads it). Several ranks
+    may write the same state at once: each goes through a temporary file of its own."""
     state = read_run_state(out)
     fired = set(state.get("oom_injected_steps", [])) | ({injected_step} if injected_step else set())
     state.update({"micro_batch": micro_batch, "grad_accum": grad_accum, "oom_events": oom_events,
                   "oom_injected_steps": sorted(fired)})
-    tmp = out / (RUN_STATE_FILE + ".tmp")
+    if relaunch:
+        state["relaunch_requested_at"] = time.time()
+    tmp = out / f"{RUN_STATE_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, out / RUN_STATE_FILE)
+
+
+def peer_requested_relaunch(out: Path, since: float) -> bool:
+    """Whether some rank of this run asked for a relaunch after `since` (this process's start): a rank whose
+    collective failed because a peer left for a relaunch then exits with the same code, so the launcher passes the
+    supervisor 75 whichever rank it sees first."""
+    try:
+        return float(read_run_state(out).get("relaunch_requested_at", 0.0)) >= since
+    except (OSError, RuntimeError, TypeError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,8 +120,8 @@ def write_run_state(out: Path, micro_batch: int, grad_accum: int, oom_events: in
 
 
 def forward_agreed(fn, where: str):
-    """Run `fn()` (a forward); every rank then agrees whether any rank ran out of memory, before any backward
-    collective, and all raise StepOOM together if one did."""
+    """Run `fn()` (a forward that holds no collective: ZeRO <= 2); every rank then agrees whether any rank ran out
+    of memory, before any backward collective, and all raise StepOOM together if one did."""
     out, oom = None, False
     try:
         out = fn()
@@ -118,6 +141,25 @@ def halved_layout(micro_batch: int, grad_accum: int, where: str) -> tuple[int, i
                            "ds_configs/zero3_offload.json, shorter data.max_prompt_bytes or smaller receivers.")
     new_micro = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
     return new_micro, micro_batch * grad_accum // new_micro
+
+
+def agreed_injected_step(fired: int | None) -> int | None:
+    """The injected OOM step that fired on any rank (a collective: every rank calls it), so that whichever rank
+    writes the run state records it and a relaunch does not fire it again."""
+    step = max_over_ranks(fired or 0)
+    return step or None
+
+
+def leave_for_relaunch(out: Path, rank: int, micro_batch: int, grad_accum: int, oom_events: int,
+                       injected_step: int | None, where: str) -> Relaunch:
+    """This rank ran out of memory where ranks cannot agree (see the module docstring), or every rank agreed on a
+    relaunch: persist the halved layout (`micro_batch`, `grad_accum`, already halved) with the relaunch request and
+    return the Relaunch(75) to raise. No collective, no barrier: a peer may be stuck in one, and the launcher ends
+    it once this process has gone."""
+    print(f"rank {rank}: out of memory at {where}; micro-batch {micro_batch} x accumulation {grad_accum} saved "
+          "in run_state.json, leaving for a relaunch from the last checkpoint", file=sys.stderr, flush=True)
+    write_run_state(out, micro_batch, grad_accum, oom_events, injected_step, relaunch=True)
+    return Relaunch(OOM_RESTART_EXIT_CODE, f"out of memory at {where} (rank {rank})")
 
 
 def back_off_in_process(zero: int, oom_this_process: int, where: str) -> bool:
@@ -185,11 +227,30 @@ def install_step_guard(engine, zero: int, params: list[torch.Tensor], loss_was_b
 # fault injection
 
 
+OOM_PHASES = ("forward", "backward", "step")
+
+
+class _OOMInBackward(torch.autograd.Function):
+    """Identity on the loss whose backward raises the injected OOM: the fault fires inside the engine's real
+    backward pass, as an out-of-memory error in autograd would."""
+
+    @staticmethod
+    def forward(ctx, loss, injection, step):
+        ctx.injection, ctx.step = injection, step
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.injection.oom_fired = ctx.step + 1
+        raise torch.OutOfMemoryError(f"injected out-of-memory fault in the backward of optimizer step {ctx.step + 1}")
+
+
 @dataclass
 class FaultInjection:
     """The faults the environment asks for (see the module docstring), fired by the trainer at fixed points."""
 
-    oom_at: int | None = None  # 1-based optimizer step whose forward raises a real torch.OutOfMemoryError
+    oom_at: int | None = None  # 1-based optimizer step that raises a real torch.OutOfMemoryError
+    oom_phase: str = "forward"  # where in that step: its first forward, its first backward, or its optimizer step
     oom_fired: int | None = None
     nan_steps: set[int] = field(default_factory=set)
 
@@ -197,18 +258,35 @@ class FaultInjection:
     def from_env(cls, run_state: dict, rank: int) -> "FaultInjection":
         raw = os.environ.get("LATENTWIRE_INJECT_OOM_AT_STEP")
         target_rank = os.environ.get("LATENTWIRE_INJECT_OOM_RANK")
+        phase = os.environ.get("LATENTWIRE_INJECT_OOM_PHASE", "").strip() or "forward"
+        if phase not in OOM_PHASES:
+            raise ValueError(f"LATENTWIRE_INJECT_OOM_PHASE={phase!r}: expected one of {', '.join(OOM_PHASES)}")
         oom_at = int(raw) if raw else None
         if oom_at is not None and (oom_at in run_state.get("oom_injected_steps", [])
                                    or (target_rank is not None and int(target_rank) != rank)):
             oom_at = None  # fired before this relaunch, or meant for another rank
         nan = os.environ.get("LATENTWIRE_INJECT_NAN_AT_STEP", "")
-        return cls(oom_at=oom_at, nan_steps={int(x) for x in nan.split(",") if x.strip()})
+        return cls(oom_at=oom_at, oom_phase=phase, nan_steps={int(x) for x in nan.split(",") if x.strip()})
+
+    def _due(self, phase: str, step: int) -> bool:
+        return self.oom_at is not None and self.oom_phase == phase and step + 1 == self.oom_at
+
+    def fire(self, phase: str, step: int) -> None:
+        """Raise the injected OOM at this point ("forward": before a forward, "step": before the optimizer step)
+        of optimizer step `step + 1`, once."""
+        if self._due(phase, step):
+            self.oom_fired, self.oom_at = self.oom_at, None
+            raise torch.OutOfMemoryError(f"injected out-of-memory fault in the {phase} of optimizer step {step + 1}")
 
     def before_forward(self, step: int) -> None:
-        """Raise the injected OOM in the forward of optimizer step `step + 1` (once)."""
-        if self.oom_at is not None and step + 1 == self.oom_at:
-            self.oom_fired, self.oom_at = self.oom_at, None
-            raise torch.OutOfMemoryError(f"injected out-of-memory fault at optimizer step {step + 1}")
+        self.fire("forward", step)
+
+    def arm_backward(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """`loss`, whose backward raises the injected OOM in optimizer step `step + 1` (once)."""
+        if not self._due("backward", step):
+            return loss
+        self.oom_at = None
+        return _OOMInBackward.apply(loss, self, step)
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """The loss, made NaN at the injected steps."""

@@ -64,15 +64,18 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Te
 
 @torch.no_grad()
 def teacher_logits_at(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Teacher hidden (B, K, H) -> logits (B, K, V) in fp32: only K rows per example, never the whole text."""
-    return hidden.float() @ weight.float().t()
+    """Teacher hidden (B, K, H) -> logits (B, K, V) in fp32: only K rows per example, never the whole text, and
+    chunk by chunk of the vocabulary, never through an fp32 copy of a bf16 head (`kernels.lm_head_logits`)."""
+    b, k, h = hidden.shape
+    return kernels.lm_head_logits(hidden.reshape(b * k, h), weight).view(b, k, -1)
 
 
 @torch.no_grad()
 def first_token_accuracy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of examples whose argmax at answer position 0 is the gold first answer token."""
-    logits = hidden[:, 0].float() @ weight.float().t()
-    return float((logits.argmax(-1) == targets[:, 0]).float().mean())
+    """Share of examples whose argmax at answer position 0 is the gold first answer token (hidden (B, K, H)
+    student, targets (B, K)); the argmax walks the vocabulary in chunks (`kernels.lm_head_argmax`)."""
+    first = kernels.lm_head_argmax(hidden[:, 0], weight)
+    return float((first == targets[:, 0]).float().mean())
 
 
 class LMHeadLoss(nn.Module):

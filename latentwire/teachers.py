@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import kernels
 from latentwire.config import Config, TeacherConfig
 from latentwire.distributed import is_partitioned, partitioned_loading, zero_stage
 from latentwire.receivers import (Receiver, load_causal_lm, load_tokenizer, resolve_model_path,
@@ -114,7 +115,8 @@ class TeacherLogits(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, K, H_teacher) -> logits (B, K, V_receiver) fp32; receiver rows the teacher lacks get -inf."""
         weight = self._head.weight[: self.take]
-        logits = hidden.float() @ weight.float().t()
+        b, k, h = hidden.shape  # chunked over the vocabulary: never an fp32 copy of a bf16 head
+        logits = kernels.lm_head_logits(hidden.reshape(b * k, h), weight).view(b, k, self.take)
         if self.take < self.vocab:  # padding rows of the receiver's head: zero teacher probability
             logits = nn.functional.pad(logits, (0, self.vocab - self.take), value=float("-inf"))
         return logits
@@ -204,7 +206,7 @@ def build_teacher_forward(path: str, dtype: str, vocab: int, n_tokens: int, infe
     """Load a teacher -> (TeacherForward, engine). With `inference_ds` (a `teacher_ds_config`) the weights are
     ZeRO-3-partitioned as they load and an optimizer-less engine wraps the module; otherwise engine is None and
     the module is replicated on this rank's device."""
-    with partitioned_loading(inference_ds):
+    with partitioned_loading(inference_ds, dtype):  # partitions stay in `dtype` (zero.Init would pick fp32)
         try:
             model = load_causal_lm(resolve_model_path(path), dtype)
         except FileNotFoundError as err:

@@ -34,6 +34,7 @@ from latentwire.distributed import (all_reduce_mean, any_rank, barrier, build_ds
                                     zero_stage)
 from latentwire.eval import evaluate, format_table, periodic_eval, write_outputs
 from latentwire.model import LatentWire
+from latentwire.monitor import Monitor
 from latentwire.receivers import Receiver, max_hidden_size
 from latentwire.teachers import load_teachers
 
@@ -123,9 +124,13 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
 
 
 def load_receivers(cfg: config_lib.Config, ds_config: dict) -> list[Receiver]:
-    """Load the frozen receivers; under ZeRO-3 they are partitioned as they load."""
-    with partitioned_loading(ds_config if zero_stage(ds_config) == 3 else None):
-        return [Receiver.load(r, cfg.data.max_answer_tokens) for r in cfg.receivers]
+    """Load the frozen receivers; under ZeRO-3 they are partitioned as they load, each in its own dtype."""
+    zero3 = zero_stage(ds_config) == 3
+    receivers = []
+    for r in cfg.receivers:
+        with partitioned_loading(ds_config if zero3 else None, r.dtype):
+            receivers.append(Receiver.load(r, cfg.data.max_answer_tokens))
+    return receivers
 
 
 def lr_lambda(cfg: config_lib.Config):
@@ -293,19 +298,28 @@ def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
         for name, norm in norms.items():
             batch["receivers"][name].update(norm)
         batch = data_lib.to_device(batch, run.engine.device)
+        where = f"step {step + 1}, micro-batch {accum + 1}/{run.grad_accum}"
+        last = accum == run.grad_accum - 1  # DeepSpeed's step moves the optimizer at this micro-batch only
 
         def forward():
-            run.faults.before_forward(step)
+            run.faults.fire("forward", step)
             return run.engine(batch, step, diagnose=diagnose)
 
-        # All ranks agree after each forward whether any ran out of memory, before any backward collective.
-        out = faults.forward_agreed(forward, f"step {step + 1}, micro-batch {accum + 1}/{run.grad_accum}")
+        def step_optimizer():
+            if last:
+                run.faults.fire("step", step)
+            run.engine.step()
+
+        # A ZeRO <= 2 forward holds no collective: all ranks agree after it whether any ran out of memory, before
+        # any backward collective (handle_oom). A ZeRO-3 forward gathers parameters and every backward and optimizer
+        # step reduces gradients: an OOM there is one rank's alone, and that rank leaves at once (_alone).
+        out = faults.forward_agreed(forward, where) if run.zero <= 2 else _alone(run, forward, where)
         loss = run.faults.poison(out["loss"], step)
         parts = out["parts"]
         if not torch.isfinite(loss.detach()).all():
             run.loss_bad = True  # still backpropagated, so every rank runs the same collectives; the guard skips
-        run.engine.backward(loss)
-        run.engine.step()
+        _alone(run, lambda: run.engine.backward(run.faults.arm_backward(loss, step)), where + ", backward")
+        _alone(run, step_optimizer, where + ", optimizer step")
         losses.append(float(loss.detach()))
         for key, value in parts.items():
             parts_acc.setdefault(key, []).append(value)
@@ -315,6 +329,17 @@ def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
     return reduced[0], dict(zip(keys, reduced[1:]))
 
 
+def _alone(run: Run, fn, where: str):
+    """fn() where the ranks cannot agree on an out-of-memory error (it holds collectives a peer may be inside):
+    on one, this rank persists the halved layout and raises Relaunch(75) at once, without any collective."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first, so the error's frames (and their tensors) are gone
+    micro, accum = faults.halved_layout(run.micro_batch, run.grad_accum, where)
+    raise faults.leave_for_relaunch(run.out, run.rank, micro, accum, run.oom_events + 1, run.faults.oom_fired, where)
+
+
 # ================================================================================================================
 # 4. the loop: curriculum stages, steps, OOM back-off, logging, periodic evaluation, checkpoints, requeue
 
@@ -322,10 +347,10 @@ def run_step(run: Run, step: int, contracts: dict) -> tuple[float, dict]:
 def train(run: Run) -> None:
     cfg, tr = run.cfg, run.cfg.train
     contracts = {name: r.contract for name, r in run.model.receivers.items()}
-    progress = _progress(run)
+    monitor = Monitor(run.out, tr.max_steps, run.start_step, tr.log_every, run.is_main, tr.tensorboard)
     step, bad_streak = run.start_step, 0
     if cfg.eval.every and cfg.eval.at_start and step == 0:  # the untrained baseline every later eval is read against
-        _log(run, {"step": 0, **periodic_eval(run.model, run.splits.validation, 0, synced=run.synced)["log"]})
+        monitor.log({"step": 0, **periodic_eval(run.model, run.splits.validation, 0, synced=run.synced)["log"]})
     while step < tr.max_steps:
         # Staged latent length: the weights move to the stage's model before its first step.
         if cfg.curriculum.m_stages:
@@ -347,11 +372,8 @@ def train(run: Run) -> None:
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             eval_out = periodic_eval(run.model, run.splits.validation, step + 1, synced=run.synced)
             row.update(eval_out["log"])
-        _log(run, row)
-        if progress is not None:
-            progress.update(1)
-            if (step + 1) % tr.log_every == 0:
-                progress.set_postfix(loss="skipped" if skipped else f"{loss:.3f}", lr=f"{row['lr']:.2e}")
+        monitor.log(row)
+        monitor.progress(step + 1, row)
         step += 1
 
         # Too many skipped steps in a row: stop with the last good weights on disk.
@@ -378,8 +400,7 @@ def train(run: Run) -> None:
                       flush=True)
             barrier()
             raise faults.Relaunch(faults.REQUEUE_EXIT_CODE, f"requeue after step {step}")
-    if progress is not None:
-        progress.close()
+    monitor.close()
 
 
 def _target_reached(cfg: config_lib.Config, value: float) -> bool:
@@ -388,14 +409,6 @@ def _target_reached(cfg: config_lib.Config, value: float) -> bool:
     if not target or value is None or math.isnan(value):
         return False
     return value <= target if ckpt.lower_is_better(cfg.eval.best_metric) else value >= target
-
-
-def _progress(run: Run):
-    if not run.is_main:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=run.cfg.train.max_steps, initial=run.start_step, desc="train", dynamic_ncols=True)
 
 
 def _finite(value):
@@ -411,12 +424,6 @@ def _step_row(run: Run, step: int, loss: float, parts: dict, skipped: bool, elap
             "grad_norm": None if norm is None else _finite(float(norm)), "micro_batch": run.micro_batch,
             "grad_accum": run.grad_accum, "global_batch": global_batch, "oom_events": run.oom_events,
             "examples_per_s": global_batch / elapsed}
-
-
-def _log(run: Run, row: dict) -> None:
-    if run.is_main:
-        with open(run.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
 
 
 def handoff_model(model: LatentWire, stage: int) -> LatentWire:
@@ -464,26 +471,29 @@ def _resume_stage(cfg: config_lib.Config, out: Path, ds_config: dict) -> int:
 
 
 def handle_oom(run: Run, where: str) -> None:
-    """Back off after an agreed OOM: in process under ZeRO <= 2 (first time, nothing accumulated yet), otherwise
-    persist the smaller micro-batch and raise Relaunch(75) for the supervisor to start the run again."""
+    """Back off after an OOM all ranks agreed on (a ZeRO <= 2 forward): in process the first time, when nothing was
+    accumulated yet; otherwise every rank persists the same smaller micro-batch and raises Relaunch(75) at once,
+    without a barrier, for the supervisor to start the run again."""
     run.oom_events += 1
     run.oom_this_process += 1
     faults.free_memory()
     new_micro, new_accum = faults.halved_layout(run.micro_batch, run.grad_accum, where)
     in_process = faults.back_off_in_process(run.zero, run.oom_this_process, where)
+    fired = faults.agreed_injected_step(run.faults.oom_fired)  # every rank is here: the collective is safe
     if run.is_main:
         print(f"out of memory at {where}: micro-batch {run.micro_batch} -> {new_micro}, gradient accumulation "
               f"{run.grad_accum} -> {new_accum}, global batch kept at {run.cfg.train.global_batch(run.world)}"
               + ("" if in_process else "; exiting for a relaunch from the last checkpoint"), flush=True)
-    run.micro_batch, run.grad_accum = new_micro, new_accum
+    old_accum, run.micro_batch, run.grad_accum = run.grad_accum, new_micro, new_accum
+    if not in_process:
+        raise faults.leave_for_relaunch(run.out, run.rank, new_micro, new_accum, run.oom_events, fired, where)
     if run.is_main:
-        faults.write_run_state(run.out, new_micro, new_accum, run.oom_events, run.faults.oom_fired)
-    if in_process:
-        run.engine.set_train_micro_batch_size(new_micro)
-        run.engine.set_train_batch_size(new_micro * new_accum * run.world)
-        return
-    barrier()
-    raise faults.Relaunch(faults.OOM_RESTART_EXIT_CODE, f"out of memory at {where}")
+        faults.write_run_state(run.out, new_micro, new_accum, run.oom_events, fired)
+    run.engine.set_train_micro_batch_size(new_micro)
+    run.engine.set_train_batch_size(new_micro * new_accum * run.world)
+    # DeepSpeed places its accumulation boundary by counting micro-batches, (micro_steps + 1) % accumulation:
+    # recount the steps taken in the new layout, or the optimizer would step after the first new micro-batch.
+    run.engine.micro_steps = run.engine.micro_steps // old_accum * new_accum
 
 
 # ================================================================================================================
@@ -494,7 +504,7 @@ def evaluate_run(run: Run) -> dict | None:
     """Evaluate the in-memory model on the TEST split, once, at the end; every rank runs the same work, rank 0
     writes."""
     result, rows = evaluate(run.model, run.splits.test, synced=run.synced, features=features.active(run.cfg),
-                            split="test")
+                            split="test", train_examples=run.splits.train)
     if run.is_main:
         write_outputs(result, rows, run.out / "eval", run.out / "metrics.jsonl")
         print(format_table(result), flush=True)

@@ -19,8 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentwire.distributed import setup_environment  # noqa: E402
+from latentwire.monitor import quiet_known_warnings  # noqa: E402
 
 setup_environment()  # before deepspeed is imported anywhere
+quiet_known_warnings()
 
 from latentwire import config as config_lib  # noqa: E402
 
@@ -62,8 +64,11 @@ def dry_run(cfg: config_lib.Config, ds_path: str | None, out: Path) -> None:
 
 
 def main(argv=None) -> int:
+    import time
+
     from latentwire.faults import install_requeue_handler
 
+    started = time.time()
     install_requeue_handler()
     args = parse_args(argv)
     try:
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
         return 0
     from latentwire.data import DataError
     from latentwire.distributed import DSConfigError
-    from latentwire.faults import Relaunch
+    from latentwire.faults import OOM_RESTART_EXIT_CODE, Relaunch, peer_requested_relaunch
     from latentwire.receivers import ContractError
     from latentwire.teachers import TeacherError
     from latentwire.train import main as train_main
@@ -96,6 +101,16 @@ def main(argv=None) -> int:
         # Bad input: one clear line naming the culprit, no traceback, nothing written over a good run.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # A peer rank that ran out of memory left for a relaunch (latentwire/faults.py) while this rank was inside
+        # a collective with it, which then failed: leave with the peer's code, so the launcher reports 75 to the
+        # supervisor whichever rank it sees exit first.
+        if peer_requested_relaunch(Path(args.output_dir), started):
+            print(f"relaunch ({OOM_RESTART_EXIT_CODE}): a peer rank ran out of memory ({type(err).__name__}: {err})",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(OOM_RESTART_EXIT_CODE)
+        raise
     return 0
 
 

@@ -32,9 +32,12 @@ def test_zero3_buckets_are_integers_from_hidden_size():
     assert zero_stage(_build("zero3.json")) == 3
 
 
-def test_torch_adam_on_cpu_only():
+def test_torch_adam_unless_the_optimizer_is_offloaded():
+    """torch's AdamW on CPU ranks and on GPUs (DeepSpeed's FusedAdam would need a JIT-compiled CUDA op); with
+    optimizer offload, DeepSpeed's CPU Adam."""
     assert _build("zero2.json")["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in _build("zero2.json", cuda=True)["optimizer"]["params"]
+    assert _build("zero2.json", cuda=True)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in _build("zero3_offload.json", cuda=True)["optimizer"]["params"]
 
 
 def test_explicit_batch_conflict_is_named(tmp_path):
@@ -57,3 +60,48 @@ def test_bf16_without_cuda_is_refused():
     base["bf16"]["enabled"] = True
     with pytest.raises(DSConfigError, match="needs CUDA"):
         build_ds_config(base, 2, 1, 1, 1e-3, 0.0, 1.0, 64, False)
+
+
+def test_engine_keeps_mixed_precision_off_so_trainables_stay_fp32():
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        ds = _build(name, cuda=True)
+        assert ds.get("bf16", {}).get("enabled", False) is False and ds.get("fp16", {}).get("enabled", False) is False
+
+
+@pytest.mark.parametrize("dtype,bf16,fp16", [("bfloat16", True, False), ("float16", False, True),
+                                             ("float32", False, False)])
+def test_zero_init_config_enables_exactly_the_frozen_dtype(dtype, bf16, fp16):
+    """zero.Init takes its partition dtype from these flags alone (it ignores from_pretrained's dtype)."""
+    import torch
+
+    from latentwire.distributed import zero_init_config
+
+    engine = _build("zero3.json")
+    loading = zero_init_config(engine, dtype)
+    assert loading["bf16"]["enabled"] is bf16 and loading["fp16"]["enabled"] is fp16
+    assert zero_init_config(engine, getattr(torch, dtype)) == loading
+    assert engine.get("bf16", {}).get("enabled") is False  # the engine's own config is left as it was
+    assert {k: v for k, v in loading.items() if k not in ("bf16", "fp16")} == \
+        {k: v for k, v in engine.items() if k not in ("bf16", "fp16")}
+    with pytest.raises(DSConfigError, match="unknown dtype 'int8'"):
+        zero_init_config(engine, "int8")
+
+
+def test_zero_init_partitions_in_the_loading_dtype():
+    """One CPU rank: a module built under zero.Init with the bf16 loading config holds bf16 partitions; with the
+    engine's config (mixed precision off) it would hold fp32 ones: the defect this config fixes."""
+    import torch
+
+    from latentwire.distributed import init_distributed, setup_environment, zero_init_config
+
+    setup_environment()
+    init_distributed()
+    import deepspeed
+
+    engine = _build("zero3.json", micro_batch=1, grad_accum=1, world_size=1)
+    dtypes = {}
+    for name, config in (("engine", engine), ("loading", zero_init_config(engine, "bfloat16"))):
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            layer = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
+        dtypes[name] = layer.weight.ds_tensor.dtype
+    assert dtypes == {"engine": torch.float32, "loading": torch.bfloat16}
