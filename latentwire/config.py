@@ -449,6 +449,10 @@ def validate(cfg: Config) -> None:
     _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
     _check_positive("train.decay_steps", tr.decay_steps, allow_zero=True)
     _check_positive("train.grad_clip", tr.grad_clip, allow_zero=True)
+    _validate_eval(cfg, names)
+
+
+def _validate_eval(cfg: Config, names: list[str]) -> None:
     ev = cfg.eval
     _check_positive("eval.max_examples", ev.max_examples, allow_zero=True)
     _check_positive("eval.batch_size", ev.batch_size)

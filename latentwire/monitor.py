@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 import warnings
@@ -95,3 +96,25 @@ class Monitor:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def finite_or_none(value):
+    """A float for metrics.jsonl: itself when finite, else None (JSON null), never NaN or inf."""
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def environment() -> dict:
+    """What run_info.json records about where a run ran: device, versions and the git commit."""
+    import deepspeed
+    import torch
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu",
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+            "git_sha": sha}

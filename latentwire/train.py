@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from latentwire.distributed import (all_reduce_mean, any_rank, barrier, build_ds
                                     zero_stage)
 from latentwire.eval import evaluate, format_table, periodic_eval, write_outputs
 from latentwire.model import LatentWire
-from latentwire.monitor import Monitor
+from latentwire.monitor import Monitor, environment, finite_or_none
 from latentwire.receivers import Receiver, max_hidden_size
 from latentwire.teachers import load_teachers
 
@@ -172,19 +170,8 @@ def _guard_steps(run: Run) -> None:
     faults.install_step_guard(run.engine, run.zero, run.model.trainable_parameters(), loss_was_bad)
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def write_run_info(run: Run, per_rank: list[int]) -> None:
-    """run_info.json: the layout, the resident frozen bytes of every rank, data sizes and versions."""
-    import deepspeed
-    import transformers
-
+    """run_info.json: the layout, the resident frozen bytes of every rank, the splits, device and versions."""
     total, _ = frozen_bytes(run.model)
     info = {
         "world_size": run.world, "zero_stage": run.zero, "micro_batch": run.micro_batch,
@@ -195,10 +182,7 @@ def write_run_info(run: Run, per_rank: list[int]) -> None:
                                 for p in run.model.trainable_parameters()),
         "splits": {name: data_lib.split_digest(examples) for name, examples in run.splits._asdict().items()},
         "prompts_truncated": run.stats.prompts_truncated, "invalid_utf8": run.stats.invalid_utf8,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__},
-        "git_sha": _git_sha(), "start_step": run.start_step,
+        **environment(), "start_step": run.start_step,
     }
     (run.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -411,17 +395,13 @@ def _target_reached(cfg: config_lib.Config, value: float) -> bool:
     return value <= target if ckpt.lower_is_better(cfg.eval.best_metric) else value >= target
 
 
-def _finite(value):
-    return value if isinstance(value, float) and math.isfinite(value) else None
-
-
 def _step_row(run: Run, step: int, loss: float, parts: dict, skipped: bool, elapsed: float) -> dict:
     """One metrics.jsonl row: the step's losses, schedule, layout and throughput (non-finite values as null)."""
     norm = run.engine.get_global_grad_norm()
     global_batch = run.cfg.train.global_batch(run.world)
-    return {"step": step + 1, "loss": _finite(loss), **{k: _finite(v) for k, v in parts.items()},
+    return {"step": step + 1, "loss": finite_or_none(loss), **{k: finite_or_none(v) for k, v in parts.items()},
             "skipped": skipped, "skipped_steps": run.engine.skipped_steps, "lr": run.engine.get_lr()[0],
-            "grad_norm": None if norm is None else _finite(float(norm)), "micro_batch": run.micro_batch,
+            "grad_norm": None if norm is None else finite_or_none(float(norm)), "micro_batch": run.micro_batch,
             "grad_accum": run.grad_accum, "global_batch": global_batch, "oom_events": run.oom_events,
             "examples_per_s": global_batch / elapsed}
 
