@@ -472,7 +472,11 @@ def evaluate(model: LatentWire, examples: list[Example], synced: bool = False, f
     tally = Tally(paths, list(model.names), list(ev.precisions))
     if train_examples:
         tally.zstd_dict_bytes = zstd_dictionary(train_examples, cfg.data.max_prompt_bytes)
-        tally.zstd_dict = zstandard.ZstdCompressor(level=19, dict_data=zstandard.ZstdCompressionDict(tally.zstd_dict_bytes))
+        # The receiving side holds the dictionary, so the frame needs neither its id nor the content size: the
+        # strongest fair form of this baseline.
+        dictionary = zstandard.ZstdCompressionDict(tally.zstd_dict_bytes)
+        tally.zstd_dict = zstandard.ZstdCompressor(level=19, dict_data=dictionary, write_dict_id=False,
+                                                   write_content_size=False)
     stats = {src: DataStats() for src in dict.fromkeys(ex.source for ex in examples)}
     rows = [{"id": ex.id, "source": ex.source, "answers": ex.answers, "predictions": {}} for ex in examples]
     for ex in examples:  # count truncations once per example
