@@ -1,0 +1,1 @@
+"""Entry points and launch tooling: train.py, eval.py, supervise.py, plan.py, the benchmarks and scripts (README)."""
