@@ -256,7 +256,9 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
             for key in ("em", "f1", "nll"):
                 assert isinstance(m[name][path][key], float)
         assert isinstance(m[name]["latent"]["first_tok_top1"], float)
-        assert set(m["wire"]["compression"][name]) == {"tokens_read", "tokens_sent", "bytes_utf8", "bytes_zstd"}
+        assert set(m["wire"]["compression"][name]) == {"tokens_read", "tokens_sent", "bytes_utf8", "bytes_zstd",
+                                                       "bytes_zstd_dict"}  # launch/eval.py gives it the training split
+    assert m["wire"]["text_bytes_zstd_dict"] < m["wire"]["text_bytes_zstd"]
     for key in ("latent_slots", "latent_dim", "latent_bytes", "text_bytes_utf8", "text_bytes_zstd",
                 "token_compression", "compression"):
         assert key in m["wire"]
