@@ -42,9 +42,14 @@ def small_overrides(steps: int = 4, extra: list[str] | None = None) -> list[str]
     return sets + (extra or [])
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True):
     """Run a repository command with the current interpreter; returns CompletedProcess with text output."""
-    full_env = {**os.environ, **(env or {})}
+    # Rendezvous variables never leak from the test process into a child: each child picks its own free port.
+    inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    full_env = {**inherited, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.run([sys.executable, *args] if args[0].endswith(".py") or args[0] in ("-m", "-c") else args,
                           cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -87,21 +87,31 @@ def test_zero_init_config_enables_exactly_the_frozen_dtype(dtype, bf16, fp16):
         zero_init_config(engine, "int8")
 
 
+ZERO_INIT_SNIPPET = """
+import json
+from latentwire.distributed import (build_ds_config, init_distributed, read_ds_config, setup_environment,
+                                    zero_init_config)
+setup_environment()
+init_distributed()
+import deepspeed, torch
+engine = build_ds_config(read_ds_config("ds_configs/zero3.json"), micro_batch=1, grad_accum=1, world_size=1,
+                         lr=1e-3, weight_decay=0.01, grad_clip=1.0, hidden_size=64, cuda=False)
+dtypes = {}
+for name, config in (("engine", engine), ("loading", zero_init_config(engine, "bfloat16"))):
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        layer = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
+    dtypes[name] = str(layer.weight.ds_tensor.dtype)
+print("RESULT " + json.dumps(dtypes))
+"""
+
+
 def test_zero_init_partitions_in_the_loading_dtype():
     """One CPU rank: a module built under zero.Init with the bf16 loading config holds bf16 partitions; with the
-    engine's config (mixed precision off) it would hold fp32 ones: the defect this config fixes."""
-    import torch
+    engine's config (mixed precision off) it would hold fp32 ones: the defect this config fixes. In a child
+    process: a process group (and its rendezvous variables) in the test process would leak into every later
+    test's training subprocess."""
+    from tests.conftest import run_cli
 
-    from latentwire.distributed import init_distributed, setup_environment, zero_init_config
-
-    setup_environment()
-    init_distributed()
-    import deepspeed
-
-    engine = _build("zero3.json", micro_batch=1, grad_accum=1, world_size=1)
-    dtypes = {}
-    for name, config in (("engine", engine), ("loading", zero_init_config(engine, "bfloat16"))):
-        with deepspeed.zero.Init(config_dict_or_path=config):
-            layer = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
-        dtypes[name] = layer.weight.ds_tensor.dtype
-    assert dtypes == {"engine": torch.float32, "loading": torch.bfloat16}
+    proc = run_cli(["-c", ZERO_INIT_SNIPPET])
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    assert json.loads(line[len("RESULT "):]) == {"engine": "torch.float32", "loading": "torch.bfloat16"}
