@@ -3,11 +3,21 @@
 One `PrefixContract` per receiver defines every sequence LatentWire builds, for training, scoring and generation:
 
     latent:       [P (M slots)] [BOS if policy says] [anchor] [answer] [EOS]
-    text teacher: [BOS if the tokenizer has one] [prompt] [anchor] [answer] [EOS]
+    text teacher: [BOS if the tokenizer adds one] [prompt] [anchor] [answer] [EOS]
 
 Targets are the answer tokens and EOS, never BOS or padding. The answer is tokenized as " " + answer right after
 the anchor; at construction (and for every example) we assert that this split tokenizes the first answer token
 exactly as the joint string "anchor answer" does (t=0 alignment) — a hard error, not a warning.
+
+With `chat_template` (a receiver read as a chat model, `receivers[].chat_template`), the tokenizer's own chat
+template lays out the text side as a user would send it, and the anchor is what the template writes between the
+user's message and the assistant's reply (Llama 3.1: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`):
+
+    latent:       [P] [BOS if policy says] [assistant header] [answer] [EOS]
+    text teacher: [template head (its BOS, system turn, user header)] [prompt] [assistant header] [answer] [EOS]
+
+The answer then follows the header with no leading space, as the assistant's reply does, and EOS must be the token
+that closes an assistant turn (`<|eot_id|>`, `<|im_end|>`); both are checked at construction.
 
 `Receiver` wraps one frozen `AutoModelForCausalLM`: embedding lookup, ONE teacher-forced pass that returns hidden
 states (before the LM head) at the first K answer positions, scoring, and greedy generation with a KV cache that
@@ -28,6 +38,7 @@ from latentwire.distributed import gathered
 
 ALIGNMENT_PROBES = ("Paris", "1990", "the Broncos", "Denver Broncos", "42%", "Zürich", "yes")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHAT_PROBE = "LATENTWIRE_CHAT_PROBE"  # stands for a message while we cut the chat template around it
 
 
 class ContractError(ValueError):
@@ -41,23 +52,76 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
+def render_user_turn(tokenizer, content: str) -> str:
+    """One user message rendered by the tokenizer's chat template, with the assistant generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def chat_template_parts(tokenizer) -> tuple[str, str, str]:
+    """(head, header, turn_end): the chat template renders a user message C as head + C + header, and the
+    assistant's reply A after it as A + turn_end. Raises ContractError when the tokenizer has no template or the
+    template does not write the message verbatim."""
+    name = tokenizer.name_or_path
+    if not getattr(tokenizer, "chat_template", None):
+        raise ContractError(f"chat_template is on but tokenizer {name!r} has no chat template")
+    prompt = render_user_turn(tokenizer, CHAT_PROBE)
+    if prompt.count(CHAT_PROBE) != 1:
+        raise ContractError(f"the chat template of {name!r} does not write the user message verbatim once")
+    head, header = prompt.split(CHAT_PROBE)
+    reply = "LATENTWIRE_REPLY_PROBE"
+    full = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROBE},
+                                          {"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(prompt + reply):
+        raise ContractError(f"the chat template of {name!r} does not continue its generation prompt with the "
+                            f"assistant's reply (rendered {full[len(head):]!r})")
+    return head, header, full[len(prompt) + len(reply):]
+
+
 class PrefixContract:
     """Token-level layout of the latent and text sequences for one receiver (see module docstring)."""
 
-    def __init__(self, tokenizer, anchor: str, bos_policy: str = "auto", max_answer_tokens: int = 24):
+    def __init__(self, tokenizer, anchor: str, bos_policy: str = "auto", max_answer_tokens: int = 24,
+                 chat_template: bool = False, chat_instruction: str = ""):
         self.tokenizer = tokenizer
-        self.anchor = anchor
         self.max_answer_tokens = max_answer_tokens
+        self.chat_template = bool(chat_template)
+        if chat_instruction and not self.chat_template:
+            raise ContractError("a chat instruction is only read through the chat template (chat_template: true)")
+        # A fixed line after the user's message (e.g. "Answer with just the answer ..."): part of the template, so
+        # the text side reads it on every path and the budgets do not count it; the latent reads no message at all.
+        self.chat_instruction = chat_instruction.strip()
         self.bos_id = tokenizer.bos_token_id
         if tokenizer.eos_token_id is None:
             raise ContractError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; answers must end with one")
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        # A tokenizer may declare a BOS it never adds (SmolLM2 names <|im_start|>): only an added one is used.
         adds_bos = self.bos_id is not None and tokenizer("a")["input_ids"][:1] == [self.bos_id]
         if bos_policy == "always" and self.bos_id is None:
             raise ContractError(f"bos_policy 'always' but tokenizer {tokenizer.name_or_path!r} has no BOS token")
         self.latent_bos = {"auto": adds_bos, "always": True, "never": False}[bos_policy]
-        self.text_bos = self.bos_id is not None
+        self.text_bos = adds_bos
+        self.answer_prefix = " "  # what separates the anchor from the answer
+        self.chat_head_ids: list[int] = []
+        if self.chat_template:
+            head, anchor, turn_end = chat_template_parts(tokenizer)  # the assistant header is the anchor
+            self.answer_prefix = ""  # the reply starts right after the header, as the assistant's does
+            self.text_bos = False  # the template writes the BOS where the family has one
+            self.chat_head_ids = self.encode(head)
+            if self.encode(turn_end)[:1] != [self.eos_id]:
+                raise ContractError(
+                    f"the chat template of {tokenizer.name_or_path!r} closes an assistant turn with {turn_end!r} "
+                    f"({self.encode(turn_end)[:1]}), not with the tokenizer's EOS {self.eos_id}: generation would "
+                    "not stop where the reply ends")
+        elif anchor != anchor.rstrip(" \t"):  # a trailing newline is left to the t=0 check (chat headers end so)
+            fixed = anchor.rstrip(" \t")
+            joint, split = self.encode(fixed + " Paris"), self.encode(anchor) + self.encode("Paris")
+            raise ContractError(
+                f"anchor {anchor!r} ends with a space: the answer follows as ' ' + answer, and that space belongs "
+                f"to the answer's first token ({fixed!r} + ' Paris' is {joint}, {anchor!r} + 'Paris' is {split}); "
+                f"drop the trailing space: anchor {fixed!r}")
+        self.anchor = anchor
         self.anchor_ids = self.encode(anchor)
         if not self.anchor_ids:
             raise ContractError(f"anchor {anchor!r} encodes to no tokens")
@@ -68,13 +132,13 @@ class PrefixContract:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def answer_ids(self, answer: str) -> list[int]:
-        """Answer tokens (leading space, capped at max_answer_tokens) followed by EOS: the supervised targets."""
-        return self.encode(" " + answer.strip())[: self.max_answer_tokens] + [self.eos_id]
+        """Answer tokens (after the answer prefix, capped at max_answer_tokens) followed by EOS: the targets."""
+        return self.encode(self.answer_prefix + answer.strip())[: self.max_answer_tokens] + [self.eos_id]
 
     def check_alignment(self, answer: str) -> None:
         """Hard t=0 check: the first answer token after the anchor is the same split or joint."""
-        joint = self.encode(self.anchor + " " + answer.strip())
-        split_first = self.encode(" " + answer.strip())[:1]
+        joint = self.encode(self.anchor + self.answer_prefix + answer.strip())
+        split_first = self.encode(self.answer_prefix + answer.strip())[:1]
         n = len(self.anchor_ids)
         if joint[:n] != self.anchor_ids or joint[n:n + 1] != split_first:
             raise ContractError(
@@ -86,24 +150,54 @@ class PrefixContract:
         return ([self.bos_id] if self.latent_bos else []) + self.anchor_ids
 
     def text_prefix_ids(self, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-        """[BOS?] [prompt (optionally cut to its first max_prompt_tokens)] [anchor]."""
-        prompt_ids = self.encode(prompt)
+        """[BOS?] [prompt (optionally cut to its first max_prompt_tokens)] [anchor]; with the chat template,
+        `user_message(prompt)` rendered as one user turn and tokenized as `apply_chat_template` does."""
+        if not self.chat_template:
+            prompt_ids = self.encode(prompt)
+            if max_prompt_tokens is not None:
+                prompt_ids = prompt_ids[:max_prompt_tokens]
+            return ([self.bos_id] if self.text_bos else []) + prompt_ids + self.anchor_ids
         if max_prompt_tokens is not None:
-            prompt_ids = prompt_ids[:max_prompt_tokens]
-        return ([self.bos_id] if self.text_bos else []) + prompt_ids + self.anchor_ids
+            instruction = self.encode("\n" + self.chat_instruction) if self.chat_instruction else []
+            return self.chat_head_ids + self.encode(prompt.strip())[:max_prompt_tokens] + instruction + self.anchor_ids
+        ids = self.encode(render_user_turn(self.tokenizer, self.user_message(prompt)))
+        head, n = self.chat_head_ids, len(self.anchor_ids)
+        if ids[:len(head)] != head or ids[-n:] != self.anchor_ids:
+            raise ContractError(f"the chat template of {self.tokenizer.name_or_path!r} tokenizes this prompt "
+                                f"into a head or header other than its own (prompt starts {prompt[:40]!r})")
+        return ids
+
+    def user_message(self, prompt: str) -> str:
+        """The user's message the chat template wraps: the prompt, stripped, and the chat instruction if any."""
+        return prompt.strip() + ("\n" + self.chat_instruction if self.chat_instruction else "")
 
     def to_dict(self) -> dict:
-        return {"anchor": self.anchor, "anchor_ids": self.anchor_ids, "latent_bos": self.latent_bos,
-                "text_bos": self.text_bos, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "max_answer_tokens": self.max_answer_tokens, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        out = {"anchor": self.anchor, "anchor_ids": self.anchor_ids, "latent_bos": self.latent_bos,
+               "text_bos": self.text_bos, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+               "max_answer_tokens": self.max_answer_tokens, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        if self.chat_template:  # only then, so contracts saved before chat templates existed still compare equal
+            out.update(chat_template=True, chat_head_ids=self.chat_head_ids, answer_prefix=self.answer_prefix,
+                       chat_instruction=self.chat_instruction)
+        return out
 
 
 TINY_PREFIX = "tiny:"
 
 
 def resolve_model_path(path: str) -> str:
-    """`tiny:llama` / `tiny:qwen2` name the bundled tiny receivers: built on first use (deterministically, under a
-    file lock so concurrent ranks build once) into $LATENTWIRE_TINY_DIR or <repo>/runs/receivers."""
+    """A receiver or teacher path -> a local directory or hub id that `from_pretrained` reads.
+
+    Hub names (`tiny:llama3`, `tiny:qwen2.5`, `real:smollm2-135m`, `real:qwen2.5-0.5b`: latentwire/hub.py) resolve
+    to their cached directories, fetched on first use. `tiny:llama` / `tiny:qwen2` name the bundled tiny receivers:
+    built on first use (deterministically, under a file lock so concurrent ranks build once) into
+    $LATENTWIRE_TINY_DIR or <repo>/runs/receivers. Other paths are returned as they are."""
+    from latentwire import hub
+
+    if hub.is_hub_name(path):  # before the tiny: test, which `tiny:llama3` would also pass
+        try:
+            return str(hub.resolve(path))
+        except hub.HubError as err:
+            raise FileNotFoundError(f"cannot resolve receiver path {path!r}: {err}") from None
     if not path.startswith(TINY_PREFIX):
         return path
     import fcntl
@@ -119,7 +213,8 @@ def resolve_model_path(path: str) -> str:
         paths = build_tiny_receivers(root)
     key = f"tiny-{kind}"
     if key not in paths:
-        raise FileNotFoundError(f"unknown tiny receiver {path!r}; known: {', '.join(TINY_PREFIX + k[5:] for k in paths)}")
+        known = [TINY_PREFIX + k[5:] for k in paths] + [n for n in hub.NAMES]
+        raise FileNotFoundError(f"unknown tiny receiver {path!r}; known: {', '.join(known)}")
     return str(paths[key])
 
 
@@ -151,7 +246,9 @@ class Receiver(nn.Module):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
-        self.contract = PrefixContract(tokenizer, cfg.anchor, cfg.bos_policy, max_answer_tokens)
+        self.contract = PrefixContract(tokenizer, cfg.anchor, cfg.bos_policy, max_answer_tokens,
+                                       chat_template=getattr(cfg, "chat_template", False),
+                                       chat_instruction=getattr(cfg, "chat_instruction", ""))
         model.requires_grad_(False)
         model.eval()
         self.hidden_size = int(model.config.hidden_size)

@@ -495,12 +495,15 @@ def detect_hardware() -> tuple[int, int, int]:
 
 
 def resolve_model_path(path: str) -> str:
-    """LatentWire's `tiny:<kind>` receivers resolve to directories built on first use; other paths are kept."""
-    if not path.startswith("tiny:"):
-        return path
-    from latentwire.receivers import resolve_model_path as resolve_tiny
+    """LatentWire's names resolve to local directories (hub names such as `tiny:llama3` or `real:qwen2.5-0.5b`
+    fetched and cached on first use; `tiny:llama` / `tiny:qwen2` built on first use); other paths are kept."""
+    from latentwire.hub import is_hub_name  # standard library only: cheap
 
-    return resolve_tiny(path)
+    if not (is_hub_name(path) or path.startswith("tiny:")):
+        return path
+    from latentwire.receivers import resolve_model_path as resolve_latentwire
+
+    return resolve_latentwire(path)
 
 
 def describe_config_plan(cfg, world_size: int | None = None, processes_per_node: int | None = None) -> str:

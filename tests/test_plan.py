@@ -227,3 +227,22 @@ def test_specs_from_receivers_share_teachers_and_skip_cached_ones(tmp_path):
     specs = model_specs_from_receivers(receivers)
     assert [(s.name, s.role, s.dtype_bytes) for s in specs] == [
         ("a", "receiver", 2), ("b", "receiver", 4), ("teacher:big", "teacher", 2)]
+
+
+def test_hub_names_are_resolved_before_the_tiny_prefix(tmp_path, monkeypatch, capsys):
+    """`tiny:llama3` / `real:*` go through latentwire.hub (the planner reads the cached config.json); other paths
+    are kept; `tiny:qwen2.5:teacher:float32` parses as path, role, dtype."""
+    from latentwire import hub
+    from launch import plan
+
+    tiny_llama_config(False).save_pretrained(tmp_path / "llama3")
+    asked = []
+    monkeypatch.setattr(hub, "resolve", lambda name, cache=None: asked.append(name) or tmp_path / "llama3")
+    monkeypatch.setattr("latentwire.tiny.build_tiny_receivers", lambda root: pytest.fail("tiny builder called"))
+    assert plan.resolve_model_path("tiny:llama3") == str(tmp_path / "llama3")
+    assert plan.resolve_model_path("real:qwen2.5-0.5b") == str(tmp_path / "llama3")
+    assert plan.resolve_model_path("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert asked == ["tiny:llama3", "real:qwen2.5-0.5b"]
+    assert plan._parse_model_arg("tiny:qwen2.5:teacher:float32") == ("tiny:qwen2.5", "teacher", "float32")
+    assert plan.main(["--model", "tiny:llama3", "--gpus", "0", "--cpu_mem_gib", "16", "--world_size", "1"]) == 0
+    assert "llama3" in capsys.readouterr().out and asked[-1] == "tiny:llama3"

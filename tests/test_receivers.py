@@ -141,3 +141,50 @@ def test_missing_model_path_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Receiver.load(ReceiverConfig(name="x", path=str(tmp_path / "nowhere")), 8)
+
+
+def test_hub_names_resolve_through_the_hub_before_the_tiny_prefix(monkeypatch, tmp_path):
+    """`tiny:llama3` starts with `tiny:` but is a hub name: it must reach latentwire.hub, never the tiny builder."""
+    from latentwire import hub, receivers
+
+    asked = []
+
+    def fake_resolve(name, cache=None):
+        asked.append(name)
+        if name not in hub.NAMES:
+            raise hub.HubError(f"unknown hub name {name!r}; known: {', '.join(hub.NAMES)}")
+        return tmp_path / hub.NAMES[name].slug
+
+    def no_tiny_build(root):
+        raise AssertionError("a hub name reached the tiny builder")
+
+    monkeypatch.setattr(hub, "resolve", fake_resolve)
+    monkeypatch.setattr("latentwire.tiny.build_tiny_receivers", no_tiny_build)
+    names = ["tiny:llama3", "tiny:qwen2.5", "real:smollm2-135m", "real:qwen2.5-0.5b"]
+    assert [receivers.resolve_model_path(n) for n in names] == [str(tmp_path / hub.NAMES[n].slug) for n in names]
+    assert asked == names
+    assert receivers.resolve_model_path("/models/llama") == "/models/llama"
+    with pytest.raises(FileNotFoundError, match=r"receiver path 'real:typo'.*unknown hub name 'real:typo'"):
+        receivers.resolve_model_path("real:typo")
+
+
+def test_hub_names_load_as_receiver_and_teacher_paths():
+    """`receivers[].path` and a teacher path given as hub names load (tiny:qwen2.5: the real Qwen2.5 tokenizer),
+    with the receiver's `chat_template` switch reaching its contract."""
+    from latentwire import hub
+    from latentwire.config import TeacherConfig
+    from latentwire.receivers import Receiver
+    from latentwire.teachers import build_live_teacher
+
+    try:
+        hub.resolve("tiny:qwen2.5")
+    except hub.DownloadError as err:
+        pytest.skip(f"cannot build tiny:qwen2.5 (no package registry?): {err}")
+    cfg = ReceiverConfig(name="qwen", path="tiny:qwen2.5")
+    plain = Receiver.load(cfg, 8)
+    assert plain.contract.anchor == "Answer:" and plain.model.config.vocab_size == 151936
+    cfg.chat_template = True  # the field latentwire.config.ReceiverConfig carries
+    chat = Receiver(cfg, plain.model, plain.tokenizer, 8)
+    assert chat.contract.chat_template and chat.contract.anchor == "<|im_end|>\n<|im_start|>assistant\n"
+    teacher = build_live_teacher(plain, TeacherConfig(path="tiny:qwen2.5"), {}, "receivers.0.teachers.0")
+    assert teacher.path == "tiny:qwen2.5"
