@@ -51,6 +51,8 @@ class ReceiverConfig:
     dtype: str = "float32"  # dtype the frozen receiver is loaded in: float32 | bfloat16 | float16
     bos_policy: str = "auto"  # BOS after the latent prefix: auto (if the tokenizer adds one) | always | never
     anchor: str = "Answer:"  # text between prompt/latent and answer; the answer follows as " " + answer
+    chat_template: bool = False  # read as a chat model: the text paths are the tokenizer's chat template (user turn)
+    chat_instruction: str = ""  # with chat_template: a line after the prompt inside the user turn
     teachers: list[TeacherConfig] = field(default_factory=list)  # optional larger same-tokenizer teachers
 
 
@@ -404,6 +406,8 @@ def validate(cfg: Config) -> None:
         _check_choice(f"receivers.{i}.bos_policy", rec.bos_policy, BOS_POLICIES)
         if not rec.anchor.strip():
             raise ConfigError(f"receivers.{i}.anchor: must contain visible text (the anchor is never dropped)")
+        if rec.chat_instruction and not rec.chat_template:
+            raise ConfigError(f"receivers.{i}.chat_instruction: only read with receivers.{i}.chat_template=true")
         for j, teacher in enumerate(rec.teachers):
             if not teacher.path and not teacher.cache:
                 raise ConfigError(f"receivers.{i}.teachers.{j}: needs a path or a cache")
