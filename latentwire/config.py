@@ -30,7 +30,7 @@ BOS_POLICIES = ("auto", "always", "never")
 PRECISIONS = ("fp16", "int8", "int4", "code")  # "code": FSQ codes (encoder.quantizer), wire format v2
 DATA_FORMATS = ("auto", "squad", "hotpot", "nq")
 RESERVED_RECEIVER_NAMES = ("wire", "latency", "features", "n_examples", "receivers", "wire_precision", "paths",
-                           "data")
+                           "data", "split", "device", "intervals")  # the top-level keys of metrics.json
 # Evaluation paths a metric name may refer to (see latentwire/eval.py); `latent_<precision>` decodes that precision.
 EVAL_PATHS = ("text", "latent", "latent_fp16", "latent_int8", "latent_int4", "token_budget", "byte_budget",
               "embed_raw", "embed_anchor", "embed_resampled")
