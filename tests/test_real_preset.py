@@ -97,7 +97,7 @@ def test_real_preset_trains_under_zero3_and_evaluates(real_tokenizers, tmp_path)
 
 BASELINE_FAST = TINY_REAL + EMBEDDED_SPLITS + ["data.max_prompt_bytes=256", "eval.max_examples=3",
                                                "eval.max_new_tokens=3", "eval.batch_size=3"]
-TEXT_SIDE = ["text", "token_budget", "byte_budget", "byte_budget_int4", "closed_book"]
+TEXT_SIDE = ["text", "token_budget", "byte_budget", "closed_book"]  # the preset sends FSQ codes only
 
 
 def test_baseline_evaluates_the_text_side_paths_of_a_config(real_tokenizers, tmp_path):
@@ -121,14 +121,12 @@ def test_baseline_evaluates_the_text_side_paths_of_a_config(real_tokenizers, tmp
         for name in ("llama", "qwen"):
             inputs = row["inputs"][name]
             assert set(inputs) == set(TEXT_SIDE)
-            assert len(inputs["byte_budget"].encode()) <= m["wire"]["latent_bytes"]["int8"]
-            assert len(inputs["byte_budget_int4"].encode()) <= m["wire"]["latent_bytes"]["int4"]
+            assert len(inputs["byte_budget"].encode()) <= m["wire"]["latent_bytes"]["code"]
             assert inputs["closed_book"].startswith("Question: ")
 
 
 def test_baseline_model_reads_through_the_chat_templates(real_tokenizers):
     from launch.eval import baseline_model
-    from latentwire import wire
 
     cfg, model = baseline_model("configs/small_real.json", TINY_REAL + EMBEDDED_SPLITS)
     assert [r.chat_template for r in cfg.receivers] == [True, True]
@@ -136,12 +134,16 @@ def test_baseline_model_reads_through_the_chat_templates(real_tokenizers):
     assert llama.anchor.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert qwen.anchor == "<|im_end|>\n<|im_start|>assistant\n" and not model.training
     assert llama.chat_instruction == qwen.chat_instruction == cfg.receivers[0].chat_instruction != ""
-    # The freshly initialised encoder only sizes the byte budgets: a payload's length depends on the shape alone.
-    z = torch.randn(2, model.encoder.n_slots, cfg.encoder.d_z)
-    for precision in cfg.eval.precisions:
-        lengths = {tuple(map(len, wire.encode_batch(z * scale, precision, cfg.eval.group_size)))
-                   for scale in (1e-3, 1.0, 1e3)}
-        assert len(lengths) == 1, precision
+    # The freshly initialised encoder only sizes the byte budgets: a payload's length depends on the layout alone.
+    assert cfg.eval.precisions == [cfg.eval.wire_precision] == ["code"]
+    quantizer = model.encoder.quantizer
+    lengths = set()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        codes = torch.stack([torch.randint(0, levels, (2,), generator=gen) for levels in quantizer.levels_per_slot()],
+                            dim=1)
+        lengths.add(tuple(map(len, model.to_wire(None, codes, "code", cfg.eval.group_size))))
+    assert len(lengths) == 1
 
 
 def test_eval_cli_wants_a_checkpoint_or_a_baseline_config(capsys):
