@@ -285,10 +285,16 @@ def check_disjoint(splits: Splits) -> None:
 
 
 def split_digest(examples: list[Example]) -> dict:
-    """{"n", "sha256"} of a split: the hash is over its sorted example ids, so two runs can show they used the
-    same examples."""
+    """{"n", "sha256", "content_sha256"} of a split, both order-free. `sha256` is over the sorted example ids, so
+    two runs can show they used the same questions; `content_sha256` is over what each example says (id, source,
+    context, question, answers), because generated files reuse ids: the toy world's 2-fact and 8-fact validation
+    sets are both `toy-validation-000000...`. Whatever must tell two validation sets apart (checkpoints/best
+    across a data-curriculum stage) reads `content_sha256`."""
     ids = "\n".join(sorted(ex.id for ex in examples))
-    return {"n": len(examples), "sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest()}
+    rows = sorted(json.dumps([ex.id, ex.source, ex.context, ex.question, list(ex.answers)], ensure_ascii=False)
+                  for ex in examples)
+    return {"n": len(examples), "sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest(),
+            "content_sha256": hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()}
 
 
 def split_spec(data_cfg) -> dict:

@@ -234,7 +234,7 @@ def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict) -> None:
     """Point checkpoints/best at this step when its evaluation metric beats the best so far (all ranks agree,
     and all have read best.json before rank 0 rewrites it)."""
     root = run.out / "checkpoints"
-    split = data_lib.split_digest(run.splits.validation)["sha256"]
+    split = data_lib.split_digest(run.splits.validation)["content_sha256"]  # ids repeat across stages
     if any_rank(ckpt.is_better(eval_out["value"], ckpt.read_best(root), eval_out["metric"], split)):
         saved = saved or save(run, step)
         if run.is_main:

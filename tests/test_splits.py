@@ -119,3 +119,41 @@ def test_split_digest_is_over_sorted_ids():
     a, b = D.split_digest(examples), D.split_digest(list(reversed(examples)))
     assert a == b and a["n"] == 5 and len(a["sha256"]) == 64
     assert D.split_digest(examples[:4]) != a
+
+
+def test_split_digest_tells_apart_sets_that_reuse_ids():
+    """The toy world's validation files of different stages reuse ids; checkpoints/best must see two sets."""
+    import dataclasses
+
+    examples = D.read_file(str(D.EMBEDDED_SQUAD))[:5]
+    other = [dataclasses.replace(ex, context=ex.context + " More.") for ex in examples]
+    a, b = D.split_digest(examples), D.split_digest(other)
+    assert a["sha256"] == b["sha256"] and a["content_sha256"] != b["content_sha256"]
+    assert D.split_digest(list(reversed(examples)))["content_sha256"] == a["content_sha256"]
+
+
+def test_best_checkpoint_restarts_when_a_stage_swaps_in_a_validation_set_with_the_same_ids(tmp_path):
+    """The staged toy run resumes one run directory on a new validation file whose ids equal the old one's: its
+    first evaluation must become the new best even when the old stage's (easier) value was higher."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from latentwire import checkpoint as CK
+    from latentwire.train import keep_best
+
+    examples = D.read_file(str(D.EMBEDDED_SQUAD))[:5]
+    harder = [dataclasses.replace(ex, context=ex.context + " More.") for ex in examples]
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    def run_on(validation):
+        return SimpleNamespace(out=tmp_path, is_main=True, splits=D.Splits(examples, validation, []))
+
+    keep_best(run_on(examples), 1, root / "step_1", {"value": 92.0, "metric": "latent_first_tok_top1_mean"})
+    keep_best(run_on(harder), 2, root / "step_2", {"value": 20.0, "metric": "latent_first_tok_top1_mean"})
+    assert CK.read_best(root)["checkpoint"] == "step_2"
+    keep_best(run_on(harder), 3, root / "step_3", {"value": 15.0, "metric": "latent_first_tok_top1_mean"})
+    assert CK.read_best(root)["checkpoint"] == "step_2"
