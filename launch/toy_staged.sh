@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Toy world, staged: `bash launch/toy_staged.sh` (~30 min on 2 CPU cores).
+# Toy world, staged: `bash launch/toy_staged.sh` (~20 min on 2 idle CPU cores).
 # The same model and config as launch/toy_benchmark.sh (configs/toy.json), trained with a curriculum over the
 # number of facts by resuming one run directory on new data: 2 facts, then 3-4, then 5-8. Each stage change is
 # decided on VALIDATION: a stage ends when its own validation set (people never seen in training) reaches
