@@ -138,6 +138,7 @@ class LossConfig:
     kd_temperature: float = 1.0  # KD softmax temperature tau
     reconstruction_weight: float = 0.0  # > 0: the receiver reading P must also reproduce the prompt's tokens (ICAE)
     text_teacher_weight: float = 1.0  # weight of the receiver reading the full text among KD teachers
+    span_weight: float = 0.0  # > 0: the encoder's byte states must point at the answer's first and last byte (extractive)
 
 
 @dataclass
@@ -438,6 +439,7 @@ def validate(cfg: Config) -> None:
     _check_positive("losses.ce_weight", cfg.losses.ce_weight, allow_zero=True)
     _check_positive("losses.kd_weight", cfg.losses.kd_weight, allow_zero=True)
     _check_positive("losses.reconstruction_weight", cfg.losses.reconstruction_weight, allow_zero=True)
+    _check_positive("losses.span_weight", cfg.losses.span_weight, allow_zero=True)
     _check_positive("losses.text_teacher_weight", cfg.losses.text_teacher_weight, allow_zero=True)
     for key in ("latent_keep_start", "latent_keep_end"):
         value = getattr(cfg.curriculum, key)
@@ -538,6 +540,7 @@ def apply_baseline_verification(cfg: Config) -> None:
     cfg.curriculum = CurriculumConfig()
     cfg.losses.kd_weight = 0.0
     cfg.losses.reconstruction_weight = 0.0
+    cfg.losses.span_weight = 0.0
     for rec in cfg.receivers:
         rec.teachers = []
 

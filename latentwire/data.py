@@ -415,6 +415,20 @@ def to_device(obj, device):
     return obj
 
 
+def answer_span(prompt: str, answer: str) -> tuple[int, int] | None:
+    """(first, last) byte offsets of the first occurrence of `answer` inside the CONTEXT of `prompt` (a
+    PROMPT_TEMPLATE prompt), last inclusive; None when the answer is empty or not there (e.g. cut off with the
+    context). The first occurrence is what extractive-QA training without answer offsets uses; SQuAD's own
+    answer_start can point at a later one."""
+    encoded, target = prompt.encode("utf-8"), answer.strip().encode("utf-8")
+    head = PROMPT_TEMPLATE.split("{context}")[0].encode("utf-8")
+    end = encoded.rfind(PROMPT_TEMPLATE.split("{context}")[1].split("{question}")[0].encode("utf-8"))
+    if not target or not encoded.startswith(head) or end < 0:
+        return None
+    first = encoded.find(target, len(head), end)
+    return None if first < 0 else (first, first + len(target) - 1)
+
+
 def collate(examples: list[Example], contracts: dict, max_prompt_bytes: int, k_tokens: int,
             stats: DataStats | None = None) -> dict:
     """Build one training batch.
@@ -422,11 +436,14 @@ def collate(examples: list[Example], contracts: dict, max_prompt_bytes: int, k_t
     Returns {"bytes" (B, L), "byte_mask" (B, L) bool, "ids": [...], "receivers": {name: {...}}} where each
     receiver entry has `latent_ids`/`latent_mask` (B, S) = [BOS?][anchor][answer][EOS], `latent_answer_start`
     (int), `text_ids`/`text_mask` (B, T) = [BOS?][prompt][anchor][answer][EOS], `text_answer_start` (B,) and
-    `targets` (B, K) = the first K answer+EOS tokens, -100 past the end.
+    `targets` (B, K) = the first K answer+EOS tokens, -100 past the end. "span" (B, 2) holds the byte offsets of
+    the answer's first and last byte in the prompt (`answer_span`; -100 where the context does not contain it).
     """
     prompts = [prompt_text(ex, max_prompt_bytes, stats) for ex in examples]
     byte_ids, byte_mask = bytes_to_tensor([p.encode("utf-8") for p in prompts], max_prompt_bytes)
     batch = {"bytes": byte_ids, "byte_mask": byte_mask, "ids": [ex.id for ex in examples], "receivers": {}}
+    spans = [answer_span(p, ex.answers[0]) for p, ex in zip(prompts, examples)]
+    batch["span"] = torch.tensor([s if s is not None else (-100, -100) for s in spans], dtype=torch.long)
     for name, contract in contracts.items():
         answers = []
         for ex in examples:

@@ -170,9 +170,12 @@ class ByteEncoder(nn.Module):
     def n_slots(self) -> int:
         return self.cfg.m_shared + self.n_receivers * self.cfg.m_private
 
-    def forward(self, byte_ids: torch.Tensor, mask: torch.Tensor, with_codes: bool = False):
+    def forward(self, byte_ids: torch.Tensor, mask: torch.Tensor, with_codes: bool = False,
+                with_states: bool = False):
         """-> Z (B, M_total, d_z), or (Z, codes (B, M_total) int64 or None) with `with_codes`. With a quantizer Z is
-        the de-quantized value of the codes (straight-through in training), exactly what the wire rebuilds."""
+        the de-quantized value of the codes (straight-through in training), exactly what the wire rebuilds.
+        `with_states` also returns the final byte states (B, L, d_model) last (training-side auxiliary losses:
+        they never go on the wire)."""
         if byte_ids.shape[1] > self.max_bytes:
             raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
         pad = ~mask
@@ -186,7 +189,8 @@ class ByteEncoder(nn.Module):
         z, codes = self.pooler(x, pad, question_pad), None
         if self.quantizer is not None:
             z, codes = self.quantizer(z)
-        return (z, codes) if with_codes else z
+        out = (z, codes) if with_codes else (z,)
+        return out + (x,) if with_states else (out if with_codes else z)
 
     def slots_for(self, z: torch.Tensor, receiver_index: int) -> torch.Tensor:
         """Z (B, M_total, d_z) -> the slots receiver `receiver_index` reads: shared then its private ones."""

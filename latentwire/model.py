@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from latentwire import curriculum, features, wire
 from latentwire.adapters import Adapter
@@ -33,6 +34,9 @@ class LatentWire(nn.Module):
             for r in receivers})
         self.receivers = nn.ModuleDict({r.cfg.name: r for r in receivers})
         self.heads = nn.ModuleDict({r.cfg.name: LMHeadLoss(r.model.get_output_embeddings()) for r in receivers})
+        # losses.span_weight: a training-only pointer from the encoder's byte states to the answer's first and last
+        # byte (span_loss); never on the wire.
+        self.span_head = nn.Linear(cfg.encoder.d_model, 2) if cfg.losses.span_weight > 0 else None
         # {receiver name: [LiveTeacher | CachedTeacher]}: a plain dict, so teachers are not submodules (no optimizer
         # state, not in checkpoints, not wrapped by the training engine).
         self.teachers: dict[str, list] = {}
@@ -96,7 +100,12 @@ class LatentWire(nn.Module):
         every train.diagnostics_every steps) the parts also hold `diagnostics`, taken here, before the engine's
         backward hooks are attached to the outputs."""
         cfg = self.cfg
-        z = self.encode(batch["bytes"], batch["byte_mask"])
+        span = None
+        if self.span_head is not None:
+            z, states = self.encoder(batch["bytes"], batch["byte_mask"], with_states=True)
+            span = self.span_loss(states, batch["byte_mask"], batch["span"])
+        else:
+            z = self.encode(batch["bytes"], batch["byte_mask"])
         z_wire = z  # what the encoder emits, before curriculum dropout: the diagnostics look at this
         z = curriculum.slot_dropout(z, cfg, step)  # latent dropout of shared slots, keyed by the step
         k = cfg.losses.k_tokens
@@ -141,9 +150,26 @@ class LatentWire(nn.Module):
                 terms[f"ce/{name}"] = cfg.losses.ce_weight * res["ce"] / n_recv
                 if "kd" in res:
                     terms[f"kd/{name}"] = cfg.losses.kd_weight * res["kd"] / n_recv
+        total = total / len(self.receivers)
+        if span is not None:
+            total = total + cfg.losses.span_weight * span
+            parts["span"] = float(span.detach())
         if diagnose:
             parts.update(self.diagnostics(z_wire, first_logits, terms))
-        return {"loss": total / len(self.receivers), "parts": parts}
+        return {"loss": total, "parts": parts}
+
+    def span_loss(self, states: torch.Tensor, byte_mask: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """Auxiliary extractive-QA loss (losses.span_weight, the span supervision of BiDAF-style readers): from the
+        encoder's final byte states (B, L, d), the mean over rows with a span of the cross-entropies of the answer's
+        first and of its last byte among the prompt's real bytes. It gives the encoder a direct signal for WHERE
+        the asked fact is, which the latent pooler can then read, instead of only the receivers' answer CE
+        flowing back through the slots. Rows whose context lacks the answer (span -100) add nothing."""
+        logits = self.span_head(states).float().masked_fill(~byte_mask.unsqueeze(-1), float("-inf"))  # (B, L, 2)
+        valid = span[:, 0] >= 0
+        if not bool(valid.any()):
+            return logits.masked_fill(~byte_mask.unsqueeze(-1), 0.0).sum() * 0.0  # keeps the graph on every rank
+        ce = [F.cross_entropy(logits[valid, :, j], span[valid, j]) for j in (0, 1)]
+        return (ce[0] + ce[1]) / 2
 
     def reconstruction(self, name: str, prefix: torch.Tensor, rb: dict) -> torch.Tensor:
         """Auxiliary loss (losses.reconstruction_weight, as ICAE / ARC-Encoder pretrain their encoders): receiver

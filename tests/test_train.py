@@ -187,3 +187,49 @@ def test_reconstruction_term_trains_the_latent_to_carry_the_prompt(tiny_receiver
     assert last["recon/llama"] < first["recon/llama"] - 0.01 and last["recon/qwen"] < first["recon/qwen"] - 0.01
     plain = C.load_config(ROOT / "configs" / "tiny.json", small_overrides())
     assert not any(k.startswith("recon/") for k in LatentWire(plain, tiny_receivers)(batch, 0)["parts"])
+
+
+def test_answer_span_finds_the_answer_bytes_inside_the_context_only():
+    prompt = D.PROMPT_TEMPLATE.format(context="Zürich has a fig. Gus Vale fig.", question="Where is fig?")
+    first, last = D.answer_span(prompt, "fig")
+    assert prompt.encode()[first:last + 1] == b"fig" and first == prompt.encode().find(b"fig")  # first occurrence
+    first, last = D.answer_span(prompt, " Gus Vale ")  # stripped like the targets
+    assert prompt.encode()[first:last + 1] == b"Gus Vale"
+    assert D.answer_span(prompt, "Where") is None  # only in the question
+    assert D.answer_span(prompt, "") is None and D.answer_span("no template here", "fig") is None
+
+
+def test_span_term_points_the_encoder_at_the_answer(tiny_receivers):
+    """losses.span_weight: a training-only head over the encoder's byte states must point at the answer's first
+    and last byte; logged as `span`, falls on a fixed batch, rows without the answer add nothing, off by
+    default (no head, no term), never in the wire payload."""
+    # 1,024 bytes keep every answer of these three examples inside the (cut) context
+    cfg = C.load_config(ROOT / "configs" / "tiny.json",
+                        small_overrides() + ["losses.span_weight=1.0", "data.max_prompt_bytes=1024"])
+    torch.manual_seed(0)
+    model = LatentWire(cfg, tiny_receivers)
+    examples = D.read_file(str(D.EMBEDDED_SQUAD))[:3]
+    contracts = {r.cfg.name: r.contract for r in tiny_receivers}
+    batch = D.collate(examples, contracts, cfg.data.max_prompt_bytes, 4)
+    assert batch["span"].shape == (3, 2) and bool((batch["span"][:, 0] >= 0).all())
+    for row, (first, last) in zip(batch["bytes"], batch["span"].tolist()):
+        assert bytes(row[first:last + 1].tolist()).decode() in {ex.answers[0] for ex in examples}
+    out = model(batch, 0)
+    first_span = out["parts"]["span"]
+    assert first_span > 0
+    out["loss"].backward()
+    assert model.span_head.weight.grad.abs().sum() > 0 and model.encoder.pos.grad.abs().sum() > 0
+    model.zero_grad()
+    train_steps(model, batch, 20, lr=1e-2)
+    assert model(batch, 20)["parts"]["span"] < first_span - 0.5
+    # no row has its answer: the term is an exact 0 that still backpropagates (every rank runs the same graph)
+    batch["span"][:] = -100
+    out = model(batch, 0)
+    assert out["parts"]["span"] == 0.0
+    out["loss"].backward()
+    plain = C.load_config(ROOT / "configs" / "tiny.json", small_overrides())
+    plain_model = LatentWire(plain, tiny_receivers)
+    plain_batch = D.collate(examples, contracts, plain.data.max_prompt_bytes, 4)
+    assert plain_model.span_head is None and "span" not in plain_model(plain_batch, 0)["parts"]
+    with pytest.raises(C.ConfigError, match="losses.span_weight"):
+        C.load_config(ROOT / "configs" / "tiny.json", small_overrides() + ["losses.span_weight=-1"])
