@@ -27,8 +27,8 @@ source launch/venv.sh
 export PYTHONUNBUFFERED=1
 OUT=${1:-runs/small_real}
 SQUAD=${SQUAD:-../shared/data/squad/dev-v1.1.json}   # <-- set this: the official SQuAD v1.1 dev file
-THREADS=${THREADS:-1}                                 # torch threads per rank (2 ranks on a 2-core machine)
-export OMP_NUM_THREADS=$THREADS
+THREADS=${THREADS:-1}                                 # torch threads per training rank (2 ranks on 2 cores)
+EVAL_THREADS=${EVAL_THREADS:-2}                       # torch threads of the single evaluation process
 
 # ---- 1. receivers ------------------------------------------------------------------------------------------------
 python -m latentwire.hub fetch real:smollm2-135m real:qwen2.5-0.5b
@@ -38,8 +38,8 @@ python launch/squad_articles.py "$SQUAD" --out runs/squad_dev --test_articles 8 
 
 # ---- the reference without a checkpoint (optional: step 4 evaluates the same text-side paths) -----------------------
 if [ "${BASELINE:-0}" = 1 ] && [ ! -f "$OUT/baseline/metrics.json" ]; then
-    python launch/eval.py --baseline --config configs/small_real.json --output_dir "$OUT/baseline" --no_plots \
-        --no_latency
+    OMP_NUM_THREADS=$EVAL_THREADS python launch/eval.py --baseline --config configs/small_real.json \
+        --output_dir "$OUT/baseline" --no_plots --no_latency
 fi
 
 # ---- 3. training (resumes from $OUT/train/checkpoints/latest when rerun) --------------------------------------------
@@ -49,12 +49,13 @@ fi
 # receiver's `teachers`, and set losses.kd_weight > 0 with losses.text_teacher_weight=0 (which skips the live text
 # pass: latentwire/teachers.py kd_targets). Not tried: at ~1 s per question and receiver it costs as much as training.
 t0=$(date +%s)
-deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json --config configs/small_real.json \
-    --output_dir "$OUT/train" --set eval.at_end=false
+OMP_NUM_THREADS=$THREADS deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
+    --config configs/small_real.json --output_dir "$OUT/train" --set eval.at_end=false
 t1=$(date +%s)
 
 # ---- 4. the validation-chosen checkpoint on the test questions ------------------------------------------------------
-python launch/eval.py --checkpoint "$OUT/train/checkpoints/best" --output_dir "$OUT/eval" --no_latency
+OMP_NUM_THREADS=$EVAL_THREADS python launch/eval.py --checkpoint "$OUT/train/checkpoints/best" \
+    --output_dir "$OUT/eval" --no_latency
 t2=$(date +%s)
 printf '{"train_s": %d, "eval_s": %d}\n' $((t1 - t0)) $((t2 - t1)) > "$OUT/timings.json"
 echo "trained, on the test questions: $OUT/eval/report.md (learning curves: $OUT/eval/training_curves.png)"
