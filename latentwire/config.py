@@ -207,7 +207,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_examples: int = 32  # held-out examples evaluated (0 = all)
+    max_examples: int = 32  # test (or --split validation) examples evaluated (0 = all)
     batch_size: int = 8  # examples per generation batch
     max_new_tokens: int = 12  # greedy decode cap (never the gold length)
     wire_precision: str = "int8"  # precision of the payload the latent path decodes from
@@ -216,7 +216,7 @@ class EvalConfig:
     at_end: bool = True  # evaluate after training
     latency_repeats: int = 3  # timed prefill + decode repeats per batch, path and receiver
     embed_replay: bool = True  # also run the embedding-replay baselines (embed_raw / embed_anchor / embed_resampled)
-    every: int = 0  # held-out evaluation every N optimizer steps during training (0 = off)
+    every: int = 0  # validation evaluation every N optimizer steps during training (0 = off)
     at_start: bool = False  # with `every`: also evaluate before the first step (a step-0 row in metrics.jsonl)
     periodic_examples: int = 16  # examples of each periodic evaluation (0 = eval.max_examples)
     best_metric: str = "latent_f1_mean"  # <path>_<em|f1|nll|first_tok_top1|first_tok_top5>_<mean|receiver name>

@@ -5,7 +5,7 @@
                          precision, the text cut to the same bytes (byte_budget*), the full text; the text's
                          UTF-8, zstd and zstd+dictionary sizes as vertical lines
     training_curves.png  from the run's metrics.jsonl: loss parts (loss, ce/*, kd/*), first-token accuracy, lr,
-                         and the periodic held-out metric (eval/*) when training logged one
+                         and the periodic validation metric (eval/*) when training logged one
 
 `launch/eval.py` writes them next to metrics.json; rebuild them from a finished evaluation with
     python -m latentwire.report OUT/metrics.json [--metrics_jsonl RUN/metrics.jsonl]
@@ -210,7 +210,7 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path | None:
               ("learning rate", ["lr"])]
     held_out = [k for k in keys if k.startswith("eval/") and k.count("/") == 1]
     if held_out:
-        panels.append(("held-out (periodic eval)", held_out))
+        panels.append(("validation (periodic eval)", held_out))
     panels = [(title, [k for k in series if any(r.get(k) is not None for r in rows)]) for title, series in panels]
     panels = [(title, series) for title, series in panels if series]
     if not panels:
