@@ -234,13 +234,16 @@ class LocalSlurm:
             if not self._wait(_munge_works, 20):
                 return f"munged did not start: {self._log_tail()}"
         host = socket.gethostname()
-        if not SLURM_CONF.exists() or SLURM_CONF.read_text().startswith(CONF_MARKER):
+        ours = not SLURM_CONF.exists() or SLURM_CONF.read_text().startswith(CONF_MARKER)
+        if ours:
             SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
             SLURM_CONF.write_text(_slurm_conf(host))
         for directory in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
             Path(directory).mkdir(parents=True, exist_ok=True)
         if not _ok(["scontrol", "ping"]):
-            self._start("slurmctld", ["slurmctld", "-D"])
+            # On our own throw-away cluster, a cold start (-c): jobs saved by an earlier, killed session would be
+            # recovered and keep the one node ALLOCATED, which no `state=resume` can clear.
+            self._start("slurmctld", ["slurmctld", "-D"] + (["-c"] if ours else []))
             if not self._wait(lambda: _ok(["scontrol", "ping"]), 30):
                 return f"slurmctld did not come up: {self._log_tail()}"
         if _node_state() != "idle":
