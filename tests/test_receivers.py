@@ -6,6 +6,7 @@ import torch
 import kernels
 from latentwire.config import ReceiverConfig
 from latentwire.receivers import ContractError, PrefixContract
+from tests.conftest import no_registry
 
 
 def _merging_tokenizer():
@@ -179,7 +180,7 @@ def test_hub_names_load_as_receiver_and_teacher_paths():
     try:
         hub.resolve("tiny:qwen2.5")
     except hub.DownloadError as err:
-        pytest.skip(f"cannot build tiny:qwen2.5 (no package registry?): {err}")
+        no_registry("the tokenizer of tiny:qwen2.5", err)
     cfg = ReceiverConfig(name="qwen", path="tiny:qwen2.5")
     plain = Receiver.load(cfg, 8)
     assert plain.contract.anchor == "Answer:" and plain.model.config.vocab_size == 151936
