@@ -25,10 +25,11 @@ from typing import NamedTuple
 
 import torch
 
-from latentwire.encoder import bytes_to_tensor
+from latentwire.encoder import QUESTION_LABEL, bytes_to_tensor
 
 EMBEDDED_SQUAD = Path(__file__).parent / "assets" / "squad_sample.json"
 PROMPT_TEMPLATE = "Context: {context}\nQuestion: {question}\n"
+CONTEXT_LABEL = b"Context: "  # the bytes of PROMPT_TEMPLATE before the context (QUESTION_LABEL: after it)
 
 
 class DataError(ValueError):
@@ -421,11 +422,10 @@ def answer_span(prompt: str, answer: str) -> tuple[int, int] | None:
     context). The first occurrence is what extractive-QA training without answer offsets uses; SQuAD's own
     answer_start can point at a later one."""
     encoded, target = prompt.encode("utf-8"), answer.strip().encode("utf-8")
-    head = PROMPT_TEMPLATE.split("{context}")[0].encode("utf-8")
-    end = encoded.rfind(PROMPT_TEMPLATE.split("{context}")[1].split("{question}")[0].encode("utf-8"))
-    if not target or not encoded.startswith(head) or end < 0:
+    end = encoded.rfind(QUESTION_LABEL)
+    if not target or not encoded.startswith(CONTEXT_LABEL) or end < 0:
         return None
-    first = encoded.find(target, len(head), end)
+    first = encoded.find(target, len(CONTEXT_LABEL), end)
     return None if first < 0 else (first, first + len(target) - 1)
 
 

@@ -189,8 +189,8 @@ class ByteEncoder(nn.Module):
         z, codes = self.pooler(x, pad, question_pad), None
         if self.quantizer is not None:
             z, codes = self.quantizer(z)
-        out = (z, codes) if with_codes else (z,)
-        return out + (x,) if with_states else (out if with_codes else z)
+        out = (z,) + ((codes,) if with_codes else ()) + ((x,) if with_states else ())
+        return out if len(out) > 1 else z
 
     def slots_for(self, z: torch.Tensor, receiver_index: int) -> torch.Tensor:
         """Z (B, M_total, d_z) -> the slots receiver `receiver_index` reads: shared then its private ones."""
