@@ -73,6 +73,7 @@ class DataConfig:
 
 QUANTIZER_KINDS = ("off", "fsq")
 MAX_LEVEL = 2**16  # per FSQ dimension: float32 rounding must resolve every step
+MAX_MATCH_NGRAM = 7  # encoder.match_ngrams: an n-gram of bytes is hashed exactly into int64 (257**7 < 2**63)
 MAX_CODEBOOK = 2**32  # per slot: a code travels as at most 32 bits
 
 
@@ -120,6 +121,7 @@ class EncoderConfig:
     dropout: float = 0.0  # dropout inside the byte transformer
     question_queries: bool = False  # pooler queries read the question first, then attend over the prompt
     local_mix: int = 0  # > 1: a depthwise conv over this many preceding bytes before the transformer (0 = off)
+    match_ngrams: list[int] = field(default_factory=list)  # n-gram sizes of the question-match feature; empty = off
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # off: float slots on the wire
 
 
@@ -142,6 +144,16 @@ class LossConfig:
 
 
 @dataclass
+class DataStageConfig:
+    """One entry of curriculum.data_stages: training data the run reads BEFORE its own (data.train_files)."""
+
+    train_files: list[str] = field(default_factory=list)  # this stage's training files (required)
+    val_files: list[str] = field(default_factory=list)  # validation the stage is judged on; empty = the run's own
+    advance_at: float = 0.0  # next stage once periodic validation eval.best_metric reaches this (0 = by steps only)
+    max_steps: int = 0  # next stage after this many optimizer steps in the stage at the latest (0 = no cap)
+
+
+@dataclass
 class CurriculumConfig:
     latent_keep_start: float = 1.0  # probability of keeping each shared slot at step 0 (1 = no dropout)
     latent_keep_end: float = 1.0  # keep probability after the ramp
@@ -155,6 +167,7 @@ class CurriculumConfig:
     first_tok_weight_end: float = 0.0  # extra first-token CE weight after the ramp
     first_tok_ramp_steps: int = 0  # steps over which the first-token weight moves from start to end
     text_warmup_steps: int = 0  # steps at the start whose latent prefix is blended with pooled text embeddings
+    data_stages: list[DataStageConfig] = field(default_factory=list)  # easier data first, each judged on validation
     hard_negative_alpha: float = 0.0  # hard-negative KD: 0 = uniform per-example KD weights; > 0 sharpens them
 
 
@@ -431,6 +444,12 @@ def validate(cfg: Config) -> None:
     for key in ("d_model", "n_layers", "n_heads", "ff_mult", "d_z", "m_shared"):
         _check_positive(f"encoder.{key}", getattr(enc, key))
     _check_positive("encoder.m_private", enc.m_private, allow_zero=True)
+    for i, n in enumerate(enc.match_ngrams):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MATCH_NGRAM:
+            raise ConfigError(f"encoder.match_ngrams.{i}: each n-gram size must be an integer in "
+                              f"[1, {MAX_MATCH_NGRAM}], got {n!r}")
+    if len(set(enc.match_ngrams)) != len(enc.match_ngrams):
+        raise ConfigError(f"encoder.match_ngrams: sizes must be distinct, got {enc.match_ngrams}")
     if enc.d_model % enc.n_heads:
         raise ConfigError(f"encoder.d_model ({enc.d_model}) must be divisible by encoder.n_heads ({enc.n_heads})")
     _check_positive("adapter.hidden", cfg.adapter.hidden)
@@ -530,6 +549,16 @@ def _validate_curriculum(cfg: Config) -> None:
                               f"{cur.m_stages} (the stage this model is built for)")
     elif cur.stage_steps:
         raise ConfigError("curriculum.stage_steps: set only together with curriculum.m_stages")
+    for i, stage in enumerate(cur.data_stages):
+        key = f"curriculum.data_stages.{i}"
+        if not stage.train_files:
+            raise ConfigError(f"{key}.train_files: a data stage needs its own training files")
+        _check_positive(f"{key}.max_steps", stage.max_steps, allow_zero=True)
+        if not stage.max_steps and not stage.advance_at:
+            raise ConfigError(f"{key}: set advance_at (a validation {cfg.eval.best_metric} to reach) or max_steps "
+                              "(a step cap), or the stage never ends")
+        if stage.advance_at and not cfg.eval.every:
+            raise ConfigError(f"{key}.advance_at: decided on the periodic validation, so eval.every must be > 0")
 
 
 def apply_baseline_verification(cfg: Config) -> None:

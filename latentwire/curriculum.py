@@ -4,6 +4,8 @@
     k_at                adaptive K: supervised answer tokens, ramped by step or advanced by first-token accuracy
     first_token_weight  extra CE weight on answer token 0, linear from start to end
     text_blend          text/latent warm-up: share of pooled text embeddings mixed into the latent prefix
+    data_stage_after    curriculum.data_stages: easier training data first, each stage left on its own validation
+                        metric (or a step cap), then the run's own data (the trainer swaps the splits)
     stage_at / stage_config / handoff_state
                         staged latent length (e.g. M = 64 -> 48 -> 32) and the weight hand-off between stages
                         (the trainer builds the next stage's model: latentwire/train.py `hand_off`)
@@ -23,7 +25,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from latentwire.config import Config, ConfigError
+from latentwire.config import Config, ConfigError, parse_metric_name
 
 
 def _linear(start: float, end: float, ramp: int, step: int) -> float:
@@ -31,6 +33,25 @@ def _linear(start: float, end: float, ramp: int, step: int) -> float:
         return end
     t = min(1.0, step / ramp)
     return start + t * (end - start)
+
+
+def data_stage_after(cfg: Config, stage: int, stage_start: int, step: int, value: float | None = None) -> int:
+    """The data stage to train on after optimizer step `step` (1-based count of steps done), given the current
+    `stage` (index into curriculum.data_stages; len(data_stages) = the run's own data), the step it began at and
+    `value`, this step's periodic VALIDATION eval.best_metric on the stage's validation set (None when no
+    evaluation ran). A stage ends when `value` reaches its advance_at (at or below it for an NLL metric) or after
+    max_steps steps in it; the run's own data never ends."""
+    stages = cfg.curriculum.data_stages
+    if stage >= len(stages):
+        return stage
+    spec = stages[stage]
+    if spec.max_steps and step - stage_start >= spec.max_steps:
+        return stage + 1
+    if spec.advance_at and value is not None and value == value:  # NaN never advances
+        lower = parse_metric_name(cfg.eval.best_metric, None)[1] == "nll"
+        if (value <= spec.advance_at) if lower else (value >= spec.advance_at):
+            return stage + 1
+    return stage
 
 
 def keep_probability(cfg: Config, step: int) -> float:

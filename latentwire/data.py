@@ -345,6 +345,19 @@ def load_splits(data_cfg) -> Splits:
     return splits
 
 
+def stage_splits(stage, data_cfg, splits: Splits) -> Splits:
+    """The splits of one curriculum.data_stages entry: its own training files, its own validation files (or the
+    run's validation), and the run's test split, all three checked disjoint, and the stage's training data also
+    against the run's validation, so no stage ever trains on what the run is judged on."""
+    train = mix([read_file(f, data_cfg.format) for f in stage.train_files], [], data_cfg.seed)
+    validation = ([ex for f in stage.val_files for ex in read_file(f, data_cfg.format)] if stage.val_files
+                  else splits.validation)
+    staged = Splits(train, validation, splits.test)
+    check_disjoint(staged)
+    check_disjoint(Splits(train, splits.validation, []))
+    return staged
+
+
 def example_index(position: int, n: int, seed: int) -> int:
     """Index of the example at stream position `position`: epoch e = position // n reads permutation(seed, e)."""
     epoch, offset = divmod(position, n)

@@ -142,6 +142,28 @@ def question_padding(byte_ids: torch.Tensor, mask: torch.Tensor, label: bytes = 
     return ~inside
 
 
+def question_match(byte_ids: torch.Tensor, mask: torch.Tensor, question_pad: torch.Tensor,
+                   sizes: list[int]) -> torch.Tensor:
+    """(B, L, len(sizes)) float: feature k is 1 at byte i when the `sizes[k]` bytes ending at i lie outside the
+    question and occur, byte for byte, somewhere inside the same row's question; 0 elsewhere (padding, the
+    question itself). The byte-level form of the exact-match feature of extractive readers (DrQA): the context
+    positions that repeat the question's words are marked before any layer has to learn to compare them."""
+    b, length = byte_ids.shape
+    out = torch.zeros(b, length, len(sizes), device=byte_ids.device)
+    inside = ~question_pad & mask
+    outside = question_pad & mask
+    for k, n in enumerate(sizes):
+        if length < n:
+            continue
+        weights = 257 ** torch.arange(n, device=byte_ids.device, dtype=torch.long)
+        hashes = (byte_ids.unfold(1, n, 1) * weights).sum(-1)  # (B, L - n + 1): exact, 257**7 < 2**63
+        in_q = inside.unfold(1, n, 1).all(-1)
+        in_c = outside.unfold(1, n, 1).all(-1)
+        same = (hashes[:, :, None] == hashes[:, None, :]) & in_c[:, :, None] & in_q[:, None, :]
+        out[:, n - 1:, k] = same.any(-1).float()  # a window starting at s ends at s + n - 1
+    return out
+
+
 class ByteEncoder(nn.Module):
     """bytes (B, L) int64 in [0, 256], mask (B, L) bool True at real bytes -> Z (B, M_total, d_z)."""
 
@@ -155,6 +177,9 @@ class ByteEncoder(nn.Module):
         # bag of bytes and is slow to tell words apart (measured in the toy world: 10% vs 45% value accuracy after
         # 750 steps, docs/toy.md).
         self.pos = nn.Parameter(torch.randn(max_bytes, cfg.d_model))
+        # encoder.match_ngrams: one learned vector per n-gram size, added where the byte ends an n-gram that the
+        # question repeats (question_match), at the scale of the byte embeddings.
+        self.match = nn.Parameter(torch.randn(len(cfg.match_ngrams), cfg.d_model)) if cfg.match_ngrams else None
         self.local = LocalMix(cfg.d_model, cfg.local_mix) if cfg.local_mix > 1 else None
         self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout)
                                     for _ in range(cfg.n_layers))
@@ -180,12 +205,14 @@ class ByteEncoder(nn.Module):
             raise ValueError(f"byte sequence of length {byte_ids.shape[1]} exceeds encoder max_bytes {self.max_bytes}")
         pad = ~mask
         x = self.embed(byte_ids) + self.pos[: byte_ids.shape[1]]
+        question_pad = question_padding(byte_ids, mask) if self.cfg.question_queries or self.match is not None else None
+        if self.match is not None:
+            x = x + question_match(byte_ids, mask, question_pad, self.cfg.match_ngrams) @ self.match
         if self.local is not None:
             x = self.local(x, pad)
         for layer in self.layers:
             x = layer(x, pad)
         x = self.norm(x)
-        question_pad = question_padding(byte_ids, mask) if self.cfg.question_queries else None
         z, codes = self.pooler(x, pad, question_pad), None
         if self.quantizer is not None:
             z, codes = self.quantizer(z)

@@ -57,6 +57,9 @@ class Run:
     oom_events: int = 0  # cumulative over relaunches
     oom_this_process: int = 0
     loss_bad: bool = False  # this rank saw a non-finite loss in the current optimizer step
+    data_stage: int = 0  # curriculum.data_stages index; len(data_stages) = the run's own data
+    data_stage_start: int = 0  # the optimizer step the current data stage began at
+    own_splits: data_lib.Splits | None = None  # the run's own splits (`splits` holds a data stage's while one runs)
 
     @property
     def is_main(self) -> bool:
@@ -112,7 +115,9 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
               faults.FaultInjection.from_env(state, rank), micro_batch=micro, grad_accum=accum,
               oom_events=state.get("oom_events", 0))
     _guard_steps(run)
+    run.own_splits = splits
     run.start_step = resume(run)
+    enter_data_stage(run, run.data_stage, run.data_stage_start)
     per_rank = gather_object(frozen_bytes(model)[1])
     if run.is_main:
         config_lib.save_config(cfg, out / "config.json")
@@ -208,7 +213,8 @@ def save(run: Run, step: int) -> Path:
         trainer_state = {"step": step, "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
                          "world_size": run.world, "oom_events": run.oom_events,
                          "features": features.checkpoint_state(run.model),
-                         "examples_seen": step * run.cfg.train.global_batch(run.world)}
+                         "examples_seen": step * run.cfg.train.global_batch(run.world),
+                         "data_stage": run.data_stage, "data_stage_start": run.data_stage_start}
         contracts = {name: r.contract.to_dict() for name, r in run.model.receivers.items()}
         final = ckpt.commit_checkpoint(root, step, trainable, trainer_state, run.model.cfg, contracts,
                                        run.cfg.train.keep_last)
@@ -224,10 +230,27 @@ def resume(run: Run) -> int:
     state = ckpt.load_engine_state(run.engine, path)
     if "features" in state:
         features.load_checkpoint_state(run.model, state["features"])
+    run.data_stage, run.data_stage_start = state.get("data_stage", 0), state.get("data_stage_start", 0)
     if run.is_main:
         ckpt.truncate_metrics(run.out / "metrics.jsonl", state["step"])
         print(f"resumed from {path} at step {state['step']}", flush=True)
     return state["step"]
+
+
+def enter_data_stage(run: Run, stage: int, step: int) -> None:
+    """Train on curriculum.data_stages[stage] (its training files, its validation) from `step` on, or on the run's
+    own splits once every stage is done. The test split never changes."""
+    stages = run.cfg.curriculum.data_stages
+    if stage > len(stages):
+        raise RuntimeError(f"data stage {stage} recorded in the checkpoint, but curriculum.data_stages has only "
+                           f"{len(stages)} entries (resumed with a different config?)")
+    run.data_stage, run.data_stage_start = stage, step
+    run.splits = run.own_splits if stage == len(stages) else data_lib.stage_splits(stages[stage], run.cfg.data,
+                                                                                    run.own_splits)
+    if run.is_main and stages:
+        what = "the run's own data" if stage == len(stages) else f"curriculum.data_stages.{stage}"
+        print(f"step {step}: data stage {stage} ({what}): {len(run.splits.train)} training and "
+              f"{len(run.splits.validation)} validation examples", flush=True)
 
 
 def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict) -> None:
@@ -371,6 +394,12 @@ def train(run: Run) -> None:
         saved = save(run, step) if step % tr.save_every == 0 or step == tr.max_steps or requeue else None
         if eval_out is not None:
             keep_best(run, step, saved, eval_out)
+        stage = curriculum.data_stage_after(cfg, run.data_stage, run.data_stage_start, step,
+                                            eval_out["value"] if eval_out is not None else None)
+        if stage != run.data_stage:  # decided on validation (or a step cap): identical on every rank
+            enter_data_stage(run, stage, step)
+            save(run, step)  # a resume lands in the new stage
+        elif eval_out is not None and run.data_stage == len(cfg.curriculum.data_stages):
             if _target_reached(run.cfg, eval_out["value"]):  # decided on validation, identical on every rank
                 if saved is None:
                     save(run, step)
@@ -403,7 +432,8 @@ def _step_row(run: Run, step: int, loss: float, parts: dict, skipped: bool, elap
             "skipped": skipped, "skipped_steps": run.engine.skipped_steps, "lr": run.engine.get_lr()[0],
             "grad_norm": None if norm is None else finite_or_none(float(norm)), "micro_batch": run.micro_batch,
             "grad_accum": run.grad_accum, "global_batch": global_batch, "oom_events": run.oom_events,
-            "examples_per_s": global_batch / elapsed}
+            "examples_per_s": global_batch / elapsed,
+            **({"data_stage": run.data_stage} if run.cfg.curriculum.data_stages else {})}
 
 
 def handoff_model(model: LatentWire, stage: int) -> LatentWire:

@@ -23,11 +23,16 @@ fi
 t0=$(now)
 echo "== toy data -> $OUT/data"
 python -m latentwire.toy --out "$OUT/data"
+# curriculum.data_stages.0: two facts per context (training and validation people as above), until validation
+python -m latentwire.toy --out "$OUT/data2" --facts 2 --eval_facts 2 --n_test 0
 t1=$(now)
 echo "== training LatentWire ($CONFIG) -> $OUT/run"
 python launch/train.py --config "$CONFIG" --output_dir "$OUT/run" --set eval.at_end=false \
     --set "data.train_files=[\"$OUT/data/train.json\"]" --set "data.val_files=[\"$OUT/data/val.json\"]" \
-    --set "data.eval_files=[\"$OUT/data/test.json\"]" --set eval.every=500 --set eval.periodic_examples=256 \
+    --set "data.eval_files=[\"$OUT/data/test.json\"]" \
+    --set "curriculum.data_stages.0.train_files=[\"$OUT/data2/train.json\"]" \
+    --set "curriculum.data_stages.0.val_files=[\"$OUT/data2/val.json\"]" \
+    --set eval.every=100 --set eval.periodic_examples=256 \
     --set eval.best_metric=latent_first_tok_top1_mean "$@"
 t2=$(now)
 echo "== evaluating $OUT/run/checkpoints/best (chosen on validation) on the test split"

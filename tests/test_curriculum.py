@@ -160,3 +160,56 @@ def test_stage_handoff_keeps_trained_weights(tiny_dir):
         lambda *a: fired.__setitem__("new", fired["new"] + 1))
     new(batch, 2)
     assert fired == {"old": 0, "new": 1}
+
+
+def test_data_stage_advances_on_its_validation_metric_or_its_step_cap():
+    stage0 = ('curriculum.data_stages=[{"train_files": ["a.json"], "advance_at": 80.0}, '
+              '{"train_files": ["b.json"], "max_steps": 5}]')
+    cfg = tiny_cfg([stage0, "eval.every=10", "eval.best_metric=latent_first_tok_top1_mean"])
+    assert CU.data_stage_after(cfg, 0, 0, 10, None) == 0  # no evaluation: stage 0 has no cap
+    assert CU.data_stage_after(cfg, 0, 0, 10, 79.9) == 0
+    assert CU.data_stage_after(cfg, 0, 0, 10, float("nan")) == 0
+    assert CU.data_stage_after(cfg, 0, 0, 10, 80.0) == 1
+    assert CU.data_stage_after(cfg, 1, 10, 14, None) == 1 and CU.data_stage_after(cfg, 1, 10, 15, None) == 2
+    assert CU.data_stage_after(cfg, 2, 15, 10_000, 100.0) == 2  # the run's own data never ends
+    nll = tiny_cfg([stage0, "eval.every=10", "eval.best_metric=latent_nll_mean",
+                    "curriculum.data_stages.0.advance_at=2.5"])
+    assert CU.data_stage_after(nll, 0, 0, 10, 2.6) == 0 and CU.data_stage_after(nll, 0, 0, 10, 2.5) == 1
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"advance_at": 50.0}, "data_stages.0.train_files"),
+    ({"train_files": ["a.json"]}, "set advance_at"),
+    ({"train_files": ["a.json"], "max_steps": -1}, "data_stages.0.max_steps"),
+])
+def test_bad_data_stages_name_the_key(stage, message):
+    with pytest.raises(C.ConfigError, match=message):
+        tiny_cfg([f"curriculum.data_stages=[{json.dumps(stage)}]", "eval.every=10"])
+    with pytest.raises(C.ConfigError, match="eval.every must be > 0"):
+        tiny_cfg(['curriculum.data_stages=[{"train_files": ["a.json"], "advance_at": 50.0}]'])
+
+
+@pytest.mark.slow
+def test_training_reads_each_data_stage_then_its_own_data_and_resumes_in_the_right_stage(tmp_path):
+    """The trainer swaps training AND validation files at the stage boundary, records the stage in metrics.jsonl
+    and in the checkpoint, and a resumed run continues in the stage it was in; the test split never changes."""
+    from latentwire import toy
+    from tests.conftest import read_jsonl, run_cli, train_cmd
+
+    own = toy.write_splits(tmp_path / "own", n_train=64, n_val=8, n_test=8, facts="1-8")
+    stage = toy.write_splits(tmp_path / "two", n_train=64, n_val=12, n_test=0, facts="2", eval_facts="2")
+    out = tmp_path / "run"
+    extra = [f'data.train_files=["{own["train"]}"]', f'data.val_files=["{own["validation"]}"]',
+             f'data.eval_files=["{own["test"]}"]', "eval.every=1", "eval.periodic_examples=4", "eval.at_end=false",
+             f'curriculum.data_stages=[{{"train_files": ["{stage["train"]}"], '
+             f'"val_files": ["{stage["validation"]}"], "max_steps": 3}}]']
+    proc = run_cli(train_cmd(out, steps=4, extra=extra))
+    assert "step 0: data stage 0 (curriculum.data_stages.0): 64 training and 12 validation examples" in proc.stdout
+    assert "step 3: data stage 1 (the run's own data): 64 training and 8 validation examples" in proc.stdout
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["data_stage"] for r in rows] == [0, 0, 0, 1]
+    state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert (state["data_stage"], state["data_stage_start"]) == (1, 3)
+    proc = run_cli(train_cmd(out, steps=6, extra=extra))
+    assert "at step 4" in proc.stdout and "step 3: data stage 1 (the run's own data)" in proc.stdout
+    assert [r["data_stage"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [0, 0, 0, 1, 1, 1]

@@ -82,3 +82,37 @@ def test_question_queries_and_local_mix_stay_padding_invariant_and_train():
     for name, p in enc.named_parameters():
         if name.startswith(("local.", "pooler.question")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_question_match_marks_the_context_bytes_that_end_a_question_ngram():
+    """Exactly the context positions ending a 4-byte window the question repeats; never the question, never padding."""
+    from latentwire.encoder import question_match, question_padding
+
+    prompts = [b"Context: Ida Roth elk. Joe Lark fig.\nQuestion: What does Joe Lark have?\n",
+               b"Context: x\nQuestion: y\n"]
+    ids, mask = bytes_to_tensor(prompts, 128)
+    feats = question_match(ids, mask, question_padding(ids, mask), [4, 9])
+    assert feats.shape == (2, ids.shape[1], 2)
+    text = prompts[0]
+    marked = [i for i in range(len(text)) if feats[0, i, 0]]
+    windows = {text[i - 3:i + 1] for i in marked}
+    question = text[text.rindex(b"Question: ") + len(b"Question: "):]
+    assert windows == {b" Joe", b"Joe ", b"oe L", b"e La", b" Lar", b"Lark", b"ark "}
+    assert all(w in question for w in windows)
+    assert all(i < text.index(b"\nQuestion") for i in marked)
+    # 9-grams: " Joe Lark" and "Joe Lark " end at the k and the space after it; the second row shares nothing
+    end = text.index(b" Joe Lark") + 8
+    assert [i for i in range(len(text)) if feats[0, i, 1]] == [end, end + 1]
+    assert feats[1].sum() == 0
+
+
+def test_match_ngrams_stay_padding_invariant_and_their_vectors_train():
+    torch.manual_seed(0)
+    cfg = EncoderConfig(d_model=32, n_layers=1, n_heads=4, d_z=16, m_shared=4, m_private=1, match_ngrams=[3, 5])
+    enc = ByteEncoder(cfg, n_receivers=2, max_bytes=128)
+    short, long = b"Context: Ida Roth elk.\nQuestion: What does Ida Roth have?\n", b"x" * 100
+    alone = enc(*bytes_to_tensor([short], 128))
+    batched = enc(*bytes_to_tensor([short, long], 128))
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
+    batched.square().sum().backward()
+    assert enc.match.shape == (2, 32) and (enc.match.grad.abs().sum(dim=1) > 0).all()
