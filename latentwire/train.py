@@ -356,6 +356,7 @@ def train(run: Run) -> None:
     contracts = {name: r.contract for name, r in run.model.receivers.items()}
     monitor = Monitor(run.out, tr.max_steps, run.start_step, tr.log_every, run.is_main, tr.tensorboard)
     step, bad_streak = run.start_step, 0
+    began = time.perf_counter()  # metrics.jsonl "train_s": seconds of this process's loop, evaluations included
     if cfg.eval.every and cfg.eval.at_start and step == 0:  # the untrained baseline every later eval is read against
         monitor.log({"step": 0, **periodic_eval(run.model, run.splits.validation, 0, synced=run.synced)["log"]})
     while step < tr.max_steps:
@@ -379,6 +380,7 @@ def train(run: Run) -> None:
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             eval_out = periodic_eval(run.model, run.splits.validation, step + 1, synced=run.synced)
             row.update(eval_out["log"])
+        row["train_s"] = time.perf_counter() - began
         monitor.log(row)
         monitor.progress(step + 1, row)
         step += 1

@@ -26,6 +26,8 @@ TARGET_TEXT_EM = 90.0
 TARGET_LATENT_EM = 60.0
 TARGET_COMPRESSION = 4.0
 TARGET_MARGIN = 20.0
+TARGET_FAST_EM = 80.0  # issue [3/6]: latent EM 80 on the test split within TARGET_WALL_S of wall-clock, all stages
+TARGET_WALL_S = 300.0
 PLOT_FILE = "diagnostics.png"
 
 
@@ -66,6 +68,18 @@ def last_diagnostics(rows: list[dict]) -> dict:
     return out
 
 
+def time_to_em(rows: list[dict], names: list[str], threshold: float = TARGET_FAST_EM) -> dict | None:
+    """The first periodic VALIDATION evaluation on the run's own data (after every curriculum.data_stages entry)
+    where every receiver's latent EM reaches `threshold`: {"step", "train_s"} (seconds of the training loop,
+    evaluations included), or None. Never read from the test split."""
+    final = max((r.get("data_stage", 0) for r in rows), default=0)
+    for row in rows:
+        ems = [row.get(f"eval/latent_em/{n}") for n in names]
+        if row.get("data_stage", 0) == final and all(e is not None and e >= threshold for e in ems):
+            return {"step": row["step"], "train_s": row.get("train_s")}
+    return None
+
+
 def build_report(result: dict, metric_rows: list[dict], timings: dict | None) -> dict:
     names = result["receivers"]
     w = result["wire"]
@@ -80,7 +94,13 @@ def build_report(result: dict, metric_rows: list[dict], timings: dict | None) ->
         "train_steps": metric_rows[-1]["step"] if metric_rows else 0,
         "diagnostics_last": last_diagnostics(metric_rows),
         "timings_s": timings or {},
+        "validation_em_80": time_to_em(metric_rows, names),
     }
+    if timings:
+        wall = sum(timings.values())
+        report["fast_target"] = {"wall_s": wall, f"wall_s<={TARGET_WALL_S:.0f}": wall <= TARGET_WALL_S, **{
+            f"{n}_latent_em>={TARGET_FAST_EM:.0f}": report["receivers"][n]["latent_em"] >= TARGET_FAST_EM
+            for n in names}}
     report["all_targets_met"] = all(all(r["targets"].values()) for r in report["receivers"].values())
     return report
 
@@ -105,6 +125,13 @@ def report_markdown(report: dict) -> str:
         for name, r in report["receivers"].items())]
     if report["timings_s"]:
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())]
+    hit = report["validation_em_80"]
+    lines += ["", "Validation latent EM >= 80 for every receiver (the run's own validation data): " +
+              (f"step {hit['step']}, {hit['train_s']:.0f} s into training" if hit and hit.get("train_s") is not None
+               else f"step {hit['step']}" if hit else "not reached")]
+    if "fast_target" in report:
+        lines += ["Fast target (wall-clock <= 300 s in all, test latent EM >= 80): " + ", ".join(
+            f"{k} {'yes' if v else 'NO'}" for k, v in report["fast_target"].items() if k != "wall_s")]
     return "\n".join(lines) + "\n"
 
 
