@@ -146,6 +146,7 @@ def bytes_table(result: dict) -> str:
 
 def plot_em_vs_bytes(result: dict, path: Path) -> Path:
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     names = result["receivers"]
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
     w = result["wire"]
@@ -163,6 +164,9 @@ def plot_em_vs_bytes(result: dict, path: Path) -> Path:
             if x:
                 ax.axvline(x, color="gray", linestyle=style, label=f"text {label} {x:.0f} B")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, ... bytes
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis's minor labels overprint each other
         ax.set_xlabel("mean bytes sent per example (payload with header / text bytes)")
         ax.set_ylabel("EM (%)")
         ax.set_title(f"{name}: EM against bytes ({result['n_examples']} {result.get('split', '')} examples)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LatentWire with two small REAL frozen receivers on real SQuAD, on CPU (issue 15, item 5):
 #
-#     bash launch/small_real.sh [OUT]          # OUT defaults to runs/small_real; ~75 min on 2 cores
+#     bash launch/small_real.sh [OUT [--set key=value ...]]   # OUT defaults to runs/small_real; ~75 min, 2 cores
 #
 # SmolLM2-135M-Instruct ("llama", Llama architecture) + Qwen2.5-Coder-0.5B-Instruct ("qwen"), both quantized
 # instruct models dequantized to float32 (docs/receivers.md), read through their chat templates
@@ -26,6 +26,7 @@ cd "$(dirname "$0")/.."
 source launch/venv.sh
 export PYTHONUNBUFFERED=1
 OUT=${1:-runs/small_real}
+shift $(( $# > 0 ? 1 : 0 ))                           # the rest: --set key=value overrides for training
 SQUAD=${SQUAD:-../shared/data/squad/dev-v1.1.json}   # <-- set this: the official SQuAD v1.1 dev file
 THREADS=${THREADS:-1}                                 # torch threads per training rank (2 ranks on 2 cores)
 EVAL_THREADS=${EVAL_THREADS:-2}                       # torch threads of the single evaluation process
@@ -50,7 +51,7 @@ fi
 # pass: latentwire/teachers.py kd_targets). Not tried: at ~1 s per question and receiver it costs as much as training.
 t0=$(date +%s)
 OMP_NUM_THREADS=$THREADS deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
-    --config configs/small_real.json --output_dir "$OUT/train" --set eval.at_end=false
+    --config configs/small_real.json --output_dir "$OUT/train" --set eval.at_end=false "$@"
 t1=$(date +%s)
 
 # ---- 4. the validation-chosen checkpoint on the test questions ------------------------------------------------------
