@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +40,20 @@ KNOWN_WARNINGS = [
 def quiet_known_warnings() -> None:
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    quiet_dependency_bars()
+
+
+def quiet_dependency_bars() -> None:
+    """Where stderr is a file (slurm logs, CI, nohup), transformers' "Loading weights" bars (one per model and
+    rank) become nothing instead of runs of carriage-return frames; on a terminal they stay. A user's own
+    HF_HUB_DISABLE_PROGRESS_BARS is left as it is."""
+    if sys.stderr.isatty() or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub / transformers are imported
+    if "transformers" in sys.modules:  # already imported: its switch was set then
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 class Monitor:

@@ -4,6 +4,8 @@ real wire bytes within their bound, per-dataset breakdowns, periodic eval + best
 import json
 from dataclasses import replace
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -275,6 +277,22 @@ def test_launch_eval_writes_the_full_contract(tiny_receivers, tmp_path):
     m_val = json.loads((val / "metrics.json").read_text())
     ids_val = {json.loads(line)["id"] for line in (val / "predictions.jsonl").read_text().splitlines()}
     assert m_val["split"] == "validation" and not ids_val & {r["id"] for r in rows}
+
+
+@pytest.mark.parametrize("user_setting, enabled_after", [(None, "False"), ("0", "True")])
+def test_dependency_progress_bars_are_off_when_stderr_is_a_file(user_setting, enabled_after):
+    """transformers' "Loading weights" bars would fill slurm logs with carriage-return frames; the entry points'
+    quiet_known_warnings() turns them off where stderr is not a terminal, unless the user chose otherwise."""
+    code = ("from transformers.utils import logging as hf; hf.enable_progress_bar(); "
+            "from latentwire.monitor import quiet_known_warnings; quiet_known_warnings(); "
+            "print(hf.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    if user_setting is not None:
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = user_setting
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == enabled_after
 
 
 def test_training_keeps_its_best_checkpoint(tmp_path, tiny_dir):

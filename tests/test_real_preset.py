@@ -39,12 +39,14 @@ def sets(items: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # configs/llama8b_qwen7b.json end to end: 2 ranks, ZeRO-3, real vocabularies, one receiver through its chat template
 
+# The toy world's learning-speed levers (question-match feature, local byte mixing) run on the SQuAD preset too.
 PRESET_FAST = TINY_REAL + EMBEDDED_SPLITS + [
     "receivers.1.chat_template=true", "data.val_fraction=0.1", "data.max_prompt_bytes=256",
     "encoder.d_model=64", "encoder.n_layers=1", "encoder.n_heads=4", "encoder.d_z=16", "encoder.m_shared=4",
-    "encoder.m_private=2", "adapter.hidden=64", "losses.k_tokens=4", "train.max_steps=3", "train.micro_batch=2",
-    "train.grad_accum=1", "train.warmup_steps=1", "train.decay_steps=3", "train.save_every=3", "eval.max_examples=4",
-    "eval.batch_size=4", "eval.max_new_tokens=4", "eval.latency_repeats=1"]
+    "encoder.m_private=2", "encoder.match_ngrams=[4]", "encoder.local_mix=16", "adapter.hidden=64",
+    "losses.k_tokens=4", "train.max_steps=3", "train.micro_batch=2", "train.grad_accum=1", "train.warmup_steps=1",
+    "train.decay_steps=3", "train.save_every=3", "eval.max_examples=4", "eval.batch_size=4", "eval.max_new_tokens=4",
+    "eval.latency_repeats=1"]
 
 
 @pytest.mark.slow

@@ -464,19 +464,32 @@ def test_real_oom_under_zero3_is_relaunched_with_a_smaller_micro_batch(slurm_clu
 def test_real_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     if (why_not := train_works()) is not None:
         pytest.skip(why_not)
+    # Enough steps (tiny.json runs ~12 steps/s on 2 cores) that the signal, sent at the first metrics row, lands
+    # while the ranks still train: a signal that arrives after the last step rightly ends the job without a requeue.
+    steps = 150
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job_id = submit(SLURM_DIR / "train.sbatch", ["--config", "configs/tiny.json", "--set", "train.max_steps=6",
-                                                 "--set", "train.save_every=100", "--set", "eval.at_end=false",
+    job_id = submit(SLURM_DIR / "train.sbatch", ["--config", "configs/tiny.json", "--set", f"train.max_steps={steps}",
+                                                 "--set", "train.save_every=1000", "--set", "eval.at_end=false",
                                                  "--output_dir", str(run_dir)], log)
     deadline = time.monotonic() + 600
+
+    def finished_after_requeue() -> bool:
+        if job_finished(job_id, restarts=0) and not job_finished(job_id, restarts=1):
+            text = read(log)
+            assert "requeueing job" in text, f"the job ended without a requeue:\n{text[-3000:]}"
+        return job_finished(job_id, restarts=1)
+
     try:
         wait_until(lambda: len(metrics_steps(run_dir)) >= 1, deadline, lambda: read(log))
+        signalled_at = metrics_steps(run_dir)[-1]
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
-        wait_until(lambda: job_finished(job_id, restarts=1), deadline, lambda: read(log))
+        wait_until(finished_after_requeue, deadline, lambda: read(log))
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = read(log)
+    assert signalled_at < steps, text[-3000:]
     assert "SIGUSR1: checkpointed step" in text and "requeueing job" in text, text[-3000:]
     assert "restart count 1" in text  # the requeued job ran the same command ...
-    assert metrics_steps(run_dir) == list(range(1, 7)), text[-3000:]  # ... resumed after the checkpoint, finished
+    # ... resumed after the checkpoint (no step twice, none missing) and finished
+    assert metrics_steps(run_dir) == list(range(1, steps + 1)), text[-3000:]
     assert (run_dir / "checkpoints" / "latest").exists()

@@ -101,6 +101,24 @@ def test_report_writer(tmp_path):
     assert report["diagnostics_last"]["slot_cosine"] == {"step": 1, "value": 0.9}
     assert (tmp_path / "out" / "diagnostics.png").stat().st_size > 1000
     assert "| a |" in (tmp_path / "out" / "report.md").read_text()
+    assert report["validation_em_80"] is None and "fast_target" not in report  # no validation rows, no timings
+
+
+def test_time_to_em_reads_validation_on_the_runs_own_data_only():
+    """The time-to-80 of the report: the first validation row of the LAST data stage where every receiver's latent
+    EM is >= 80; a 2-fact stage's 95 does not count, nor a row where only one receiver got there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_report", ROOT / "launch" / "toy_report.py")
+    report_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_mod)
+    rows = [{"step": 100, "data_stage": 0, "train_s": 9.0, "eval/latent_em/a": 95.0, "eval/latent_em/b": 95.0},
+            {"step": 150, "data_stage": 1, "train_s": 12.0},
+            {"step": 200, "data_stage": 1, "train_s": 20.0, "eval/latent_em/a": 85.0, "eval/latent_em/b": 79.9},
+            {"step": 300, "data_stage": 1, "train_s": 31.5, "eval/latent_em/a": 81.0, "eval/latent_em/b": 90.0}]
+    assert report_mod.time_to_em(rows, ["a", "b"]) == {"step": 300, "train_s": 31.5}
+    assert report_mod.time_to_em(rows[:3], ["a", "b"]) is None
+    assert report_mod.time_to_em([{**r, "data_stage": 0} for r in rows], ["a", "b"])["step"] == 100
 
 
 # ---------------------------------------------------------------------------------------------------------------
