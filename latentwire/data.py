@@ -345,13 +345,17 @@ def load_splits(data_cfg) -> Splits:
     return splits
 
 
-def stage_splits(stage, data_cfg, splits: Splits) -> Splits:
-    """The splits of one curriculum.data_stages entry: its own training files, its own validation files (or the
-    run's validation), and the run's test split, all three checked disjoint, and the stage's training data also
-    against the run's validation, so no stage ever trains on what the run is judged on."""
+def stage_splits(stage, data_cfg, splits: Splits, name: str = "curriculum.data_stages") -> Splits:
+    """The splits of one curriculum.data_stages entry (`name` in errors): its own training files, its own
+    validation files (or the run's validation), and the run's test split, all three checked disjoint, and the
+    stage's training data also against the run's validation, so no stage ever trains on what the run is judged on."""
     train = mix([read_file(f, data_cfg.format) for f in stage.train_files], [], data_cfg.seed)
     validation = ([ex for f in stage.val_files for ex in read_file(f, data_cfg.format)] if stage.val_files
                   else splits.validation)
+    if not train:
+        raise ValueError(f"{name}.train_files {stage.train_files}: no training examples")
+    if not validation:
+        raise ValueError(f"{name}.val_files {stage.val_files}: no validation examples")
     staged = Splits(train, validation, splits.test)
     check_disjoint(staged)
     check_disjoint(Splits(train, splits.validation, []))

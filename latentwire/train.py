@@ -60,6 +60,7 @@ class Run:
     data_stage: int = 0  # curriculum.data_stages index; len(data_stages) = the run's own data
     data_stage_start: int = 0  # the optimizer step the current data stage began at
     own_splits: data_lib.Splits | None = None  # the run's own splits (`splits` holds a data stage's while one runs)
+    stage_splits: list = field(default_factory=list)  # the splits of each curriculum.data_stages entry
 
     @property
     def is_main(self) -> bool:
@@ -84,6 +85,9 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
     torch.manual_seed(cfg.train.seed)
     config_lib.check_resumable(out / "config.json", cfg, allow_config_change)
     splits = data_lib.load_splits(cfg.data)
+    # Every data stage's files are read and checked now, not hours later when the run reaches that stage.
+    stage_splits = [data_lib.stage_splits(spec, cfg.data, splits, f"curriculum.data_stages.{k}")
+                    for k, spec in enumerate(cfg.curriculum.data_stages)]
 
     # The batch layout may have been halved by an OOM in an earlier process of this run; it always keeps the
     # configured examples per rank, so the global batch (and the data order) never changes.
@@ -115,7 +119,7 @@ def setup(cfg: config_lib.Config, out: Path, ds_path: str | None, allow_config_c
               faults.FaultInjection.from_env(state, rank), micro_batch=micro, grad_accum=accum,
               oom_events=state.get("oom_events", 0))
     _guard_steps(run)
-    run.own_splits = splits
+    run.own_splits, run.stage_splits = splits, stage_splits
     run.start_step = resume(run)
     enter_data_stage(run, run.data_stage, run.data_stage_start)
     per_rank = gather_object(frozen_bytes(model)[1])
@@ -185,7 +189,10 @@ def write_run_info(run: Run, per_rank: list[int]) -> None:
         "frozen_fraction_per_rank": [b / total for b in per_rank] if total else [],
         "trainable_params": sum(p.ds_numel if is_partitioned(p) else p.numel()
                                 for p in run.model.trainable_parameters()),
-        "splits": {name: data_lib.split_digest(examples) for name, examples in run.splits._asdict().items()},
+        "splits": {name: data_lib.split_digest(examples) for name, examples in run.own_splits._asdict().items()},
+        **({"data_stage_splits": [{name: data_lib.split_digest(examples)
+                                   for name, examples in staged._asdict().items() if name != "test"}
+                                  for staged in run.stage_splits]} if run.stage_splits else {}),
         "prompts_truncated": run.stats.prompts_truncated, "invalid_utf8": run.stats.invalid_utf8,
         **environment(), "start_step": run.start_step,
     }
@@ -245,19 +252,18 @@ def enter_data_stage(run: Run, stage: int, step: int) -> None:
         raise RuntimeError(f"data stage {stage} recorded in the checkpoint, but curriculum.data_stages has only "
                            f"{len(stages)} entries (resumed with a different config?)")
     run.data_stage, run.data_stage_start = stage, step
-    run.splits = run.own_splits if stage == len(stages) else data_lib.stage_splits(stages[stage], run.cfg.data,
-                                                                                    run.own_splits)
+    run.splits = run.own_splits if stage == len(stages) else run.stage_splits[stage]
     if run.is_main and stages:
         what = "the run's own data" if stage == len(stages) else f"curriculum.data_stages.{stage}"
         print(f"step {step}: data stage {stage} ({what}): {len(run.splits.train)} training and "
               f"{len(run.splits.validation)} validation examples", flush=True)
 
 
-def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict) -> None:
-    """Point checkpoints/best at this step when its evaluation metric beats the best so far (all ranks agree,
-    and all have read best.json before rank 0 rewrites it)."""
+def keep_best(run: Run, step: int, saved: Path | None, eval_out: dict, validation: list) -> None:
+    """Point checkpoints/best at this step when its evaluation metric, measured on `validation`, beats the best
+    so far on that same validation set (all ranks agree, and all have read best.json before rank 0 rewrites it)."""
     root = run.out / "checkpoints"
-    split = data_lib.split_digest(run.splits.validation)["content_sha256"]  # ids repeat across stages
+    split = data_lib.split_digest(validation)["content_sha256"]  # ids repeat across stages
     if any_rank(ckpt.is_better(eval_out["value"], ckpt.read_best(root), eval_out["metric"], split)):
         saved = saved or save(run, step)
         if run.is_main:
@@ -393,15 +399,19 @@ def train(run: Run) -> None:
                 f"were skipped; stopping (train.max_consecutive_bad_steps={tr.max_consecutive_bad_steps}). The last "
                 f"good weights are in checkpoints/step_{step}.")
         requeue = faults.requeue_requested()
-        saved = save(run, step) if step % tr.save_every == 0 or step == tr.max_steps or requeue else None
-        if eval_out is not None:
-            keep_best(run, step, saved, eval_out)
+        # The data stage is decided on this step's validation (or a step cap) BEFORE the save, so the checkpoint
+        # of this step records the stage the next step trains in; all ranks move together if any rank says so.
+        validation = run.splits.validation  # what eval_out was measured on
         stage = curriculum.data_stage_after(cfg, run.data_stage, run.data_stage_start, step,
                                             eval_out["value"] if eval_out is not None else None)
-        if stage != run.data_stage:  # decided on validation (or a step cap): identical on every rank
-            enter_data_stage(run, stage, step)
-            save(run, step)  # a resume lands in the new stage
-        elif eval_out is not None and run.data_stage == len(cfg.curriculum.data_stages):
+        switched = any_rank(stage != run.data_stage) if cfg.curriculum.data_stages else False
+        if switched:
+            enter_data_stage(run, run.data_stage + 1, step)
+        due = step % tr.save_every == 0 or step == tr.max_steps or requeue or switched
+        saved = save(run, step) if due else None
+        if eval_out is not None:
+            keep_best(run, step, saved, eval_out, validation)
+        if not switched and eval_out is not None and run.data_stage == len(cfg.curriculum.data_stages):
             if _target_reached(run.cfg, eval_out["value"]):  # decided on validation, identical on every rank
                 if saved is None:
                     save(run, step)
@@ -416,6 +426,11 @@ def train(run: Run) -> None:
             barrier()
             raise faults.Relaunch(faults.REQUEUE_EXIT_CODE, f"requeue after step {step}")
     monitor.close()
+    stages = cfg.curriculum.data_stages
+    if run.is_main and run.data_stage < len(stages):
+        print(f"note: training ended inside curriculum.data_stages.{run.data_stage} (since step "
+              f"{run.data_stage_start}): it never reached the run's own training data, and checkpoints/best was "
+              f"chosen on that stage's validation set", flush=True)
 
 
 def _target_reached(cfg: config_lib.Config, value: float) -> bool:
@@ -515,8 +530,10 @@ def handle_oom(run: Run, where: str) -> None:
 def evaluate_run(run: Run) -> dict | None:
     """Evaluate the in-memory model on the TEST split, once, at the end; every rank runs the same work, rank 0
     writes."""
+    # The zstd dictionary of the text baselines is trained on the run's OWN training prompts, even when the run
+    # ends inside a data stage.
     result, rows = evaluate(run.model, run.splits.test, synced=run.synced, features=features.active(run.cfg),
-                            split="test", train_examples=run.splits.train)
+                            split="test", train_examples=run.own_splits.train)
     if run.is_main:
         write_outputs(result, rows, run.out / "eval", run.out / "metrics.jsonl")
         print(format_table(result), flush=True)

@@ -70,7 +70,8 @@ COMMON = ["eval.every=0", "eval.at_start=false", "eval.at_end=false", "train.dia
           "train.max_steps=1000000", "train.save_every=1000000", "train.grad_accum=1"]
 PRESETS = {
     "tiny": ("configs/tiny.json", []),
-    "toy": ("configs/toy.json", []),  # + the toy data files (written by `_toy_data`)
+    # + the toy data files (written by `_toy_data`); no data stage (it is left on validation, which is off here)
+    "toy": ("configs/toy.json", ["curriculum.data_stages=[]"]),
     "real": ("configs/llama8b_qwen7b.json", ["data.train_files=[]", "data.eval_files=[]", "data.val_files=[]"]),
 }
 

@@ -68,19 +68,21 @@ def last_diagnostics(rows: list[dict]) -> dict:
     return out
 
 
-def time_to_em(rows: list[dict], names: list[str], threshold: float = TARGET_FAST_EM) -> dict | None:
-    """The first periodic VALIDATION evaluation on the run's own data (after every curriculum.data_stages entry)
-    where every receiver's latent EM reaches `threshold`: {"step", "train_s"} (seconds of the training loop,
-    evaluations included), or None. Never read from the test split."""
-    final = max((r.get("data_stage", 0) for r in rows), default=0)
+def time_to_em(rows: list[dict], names: list[str], own_stage: int = 0,
+               threshold: float = TARGET_FAST_EM) -> dict | None:
+    """The first periodic VALIDATION evaluation on the run's own data (data stage `own_stage`, the number of
+    curriculum.data_stages entries: rows of earlier stages were measured on THEIR validation sets) where every
+    receiver's latent EM reaches `threshold`: {"step", "train_s"} (seconds of the training loop, evaluations
+    included), or None, also when the run never left its data stages. Never read from the test split."""
     for row in rows:
         ems = [row.get(f"eval/latent_em/{n}") for n in names]
-        if row.get("data_stage", 0) == final and all(e is not None and e >= threshold for e in ems):
+        if row.get("data_stage", 0) == own_stage and all(e is not None and e >= threshold for e in ems):
             return {"step": row["step"], "train_s": row.get("train_s")}
     return None
 
 
-def build_report(result: dict, metric_rows: list[dict], timings: dict | None) -> dict:
+def build_report(result: dict, metric_rows: list[dict], timings: dict | None, data_stages: int = 0) -> dict:
+    """`data_stages`: how many curriculum.data_stages entries the run had (its own data is stage `data_stages`)."""
     names = result["receivers"]
     w = result["wire"]
     report = {
@@ -94,8 +96,12 @@ def build_report(result: dict, metric_rows: list[dict], timings: dict | None) ->
         "train_steps": metric_rows[-1]["step"] if metric_rows else 0,
         "diagnostics_last": last_diagnostics(metric_rows),
         "timings_s": timings or {},
-        "validation_em_80": time_to_em(metric_rows, names),
+        "validation_em_80": time_to_em(metric_rows, names, data_stages),
     }
+    if data_stages:
+        last = metric_rows[-1].get("data_stage", 0) if metric_rows else 0
+        report["data_stage_at_end"] = last
+        report["ended_on_own_data"] = last == data_stages
     if timings:
         wall = sum(timings.values())
         report["fast_target"] = {"wall_s": wall, f"wall_s<={TARGET_WALL_S:.0f}": wall <= TARGET_WALL_S, **{
@@ -125,6 +131,9 @@ def report_markdown(report: dict) -> str:
         for name, r in report["receivers"].items())]
     if report["timings_s"]:
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())]
+    if report.get("ended_on_own_data") is False:
+        lines += ["", f"The run ended inside curriculum.data_stages.{report['data_stage_at_end']}: it never trained "
+                      "on its own data, and its best checkpoint was chosen on that stage's validation set."]
     hit = report["validation_em_80"]
     lines += ["", "Validation latent EM >= 80 for every receiver (the run's own validation data): " +
               (f"step {hit['step']}, {hit['train_s']:.0f} s into training" if hit and hit.get("train_s") is not None
@@ -170,11 +179,21 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", required=True, help="the training run's metrics.jsonl")
     p.add_argument("--out", required=True, help="directory for report.json, report.md and diagnostics.png")
     p.add_argument("--timings", default=None, help="optional JSON {stage: seconds}")
+    p.add_argument("--config", default=None,
+                   help="the run's config.json (default: beside --metrics): how many data stages it had")
     args = p.parse_args(argv)
     result = json.loads(Path(args.eval).read_text())
     rows = read_jsonl(Path(args.metrics))
     timings = json.loads(Path(args.timings).read_text()) if args.timings else None
-    report = build_report(result, rows, timings)
+    config_path = Path(args.config) if args.config else Path(args.metrics).with_name("config.json")
+    if config_path.exists():
+        data_stages = len(json.loads(config_path.read_text()).get("curriculum", {}).get("data_stages", []))
+    elif any("data_stage" in r for r in rows):
+        raise SystemExit(f"{args.metrics} has data stages, but {config_path} (their count) does not exist: "
+                         "pass --config")
+    else:
+        data_stages = 0
+    report = build_report(result, rows, timings, data_stages)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -83,3 +83,13 @@ def test_diff_configs_lists_changed_keys():
     a = C.to_dict(C.load_config(ROOT_CFG))
     b = C.to_dict(C.load_config(ROOT_CFG, ["losses.kd_weight=0.1"]))
     assert C.diff_configs(a, b) == ["losses.kd_weight: 0.5 -> 0.1"]
+
+
+def test_every_bench_step_preset_resolves(tmp_path):
+    """launch/bench_step.py times steps with evaluation off: each preset must still load (the toy preset's data
+    stage is left on validation, so the benchmark drops it rather than fail on eval.every=0)."""
+    from launch import bench_step
+
+    for preset in bench_step.PRESETS:
+        cfg = bench_step.preset_config(preset, tmp_path, [])
+        assert cfg.eval.every == 0 and not cfg.curriculum.data_stages, preset

@@ -203,9 +203,19 @@ def test_training_reads_each_data_stage_then_its_own_data_and_resumes_in_the_rig
              f'data.eval_files=["{own["test"]}"]', "eval.every=1", "eval.periodic_examples=4", "eval.at_end=false",
              f'curriculum.data_stages=[{{"train_files": ["{stage["train"]}"], '
              f'"val_files": ["{stage["validation"]}"], "max_steps": 3}}]']
-    proc = run_cli(train_cmd(out, steps=4, extra=extra))
+    proc = run_cli(train_cmd(out, steps=2, extra=extra))  # ends inside stage 0 (checkpoint step_2)
     assert "step 0: data stage 0 (curriculum.data_stages.0): 64 training and 12 validation examples" in proc.stdout
+    assert "training ended inside curriculum.data_stages.0 (since step 0)" in proc.stdout
+    state = json.loads((out / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert (state["data_stage"], state["data_stage_start"]) == (0, 0)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["splits"]["validation"]["n"] == 8  # the run's own splits, even while a stage runs
+    assert [s["validation"]["n"] for s in info["data_stage_splits"]] == [12]
+    proc = run_cli(train_cmd(out, steps=4, extra=extra))  # resumed inside stage 0: its 3-step cap still counts
+    # the stage is re-entered with the step it began at (0), so the cap ends it after step 3, not step 5
+    assert "at step 2" in proc.stdout and "step 0: data stage 0 (curriculum.data_stages.0)" in proc.stdout
     assert "step 3: data stage 1 (the run's own data): 64 training and 8 validation examples" in proc.stdout
+    assert "training ended inside" not in proc.stdout
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert [r["data_stage"] for r in rows] == [0, 0, 0, 1]
     state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
@@ -213,3 +223,19 @@ def test_training_reads_each_data_stage_then_its_own_data_and_resumes_in_the_rig
     proc = run_cli(train_cmd(out, steps=6, extra=extra))
     assert "at step 4" in proc.stdout and "step 3: data stage 1 (the run's own data)" in proc.stdout
     assert [r["data_stage"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [0, 0, 0, 1, 1, 1]
+
+
+def test_an_empty_data_stage_is_refused_by_name_before_training(tmp_path):
+    from latentwire import data as D
+    from latentwire import toy
+
+    own = toy.write_splits(tmp_path / "own", n_train=16, n_val=4, n_test=4)
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"version": "1.1", "data": []}))
+    cfg = tiny_cfg([f'data.train_files=["{own["train"]}"]', f'data.val_files=["{own["validation"]}"]',
+                    f'data.eval_files=["{own["test"]}"]', "eval.every=10",
+                    f'curriculum.data_stages=[{{"train_files": ["{own["train"]}"], "max_steps": 5}}, '
+                    f'{{"train_files": ["{empty}"], "max_steps": 5}}]'])
+    splits = D.load_splits(cfg.data)
+    with pytest.raises(ValueError, match=r"curriculum.data_stages.1.train_files .*empty.json.*: no training"):
+        D.stage_splits(cfg.curriculum.data_stages[1], cfg.data, splits, "curriculum.data_stages.1")

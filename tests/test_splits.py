@@ -149,11 +149,9 @@ def test_best_checkpoint_restarts_when_a_stage_swaps_in_a_validation_set_with_th
         (root / f"step_{step}").mkdir(parents=True)
         (root / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
 
-    def run_on(validation):
-        return SimpleNamespace(out=tmp_path, is_main=True, splits=D.Splits(examples, validation, []))
-
-    keep_best(run_on(examples), 1, root / "step_1", {"value": 92.0, "metric": "latent_first_tok_top1_mean"})
-    keep_best(run_on(harder), 2, root / "step_2", {"value": 20.0, "metric": "latent_first_tok_top1_mean"})
+    run = SimpleNamespace(out=tmp_path, is_main=True)
+    keep_best(run, 1, root / "step_1", {"value": 92.0, "metric": "latent_first_tok_top1_mean"}, examples)
+    keep_best(run, 2, root / "step_2", {"value": 20.0, "metric": "latent_first_tok_top1_mean"}, harder)
     assert CK.read_best(root)["checkpoint"] == "step_2"
-    keep_best(run_on(harder), 3, root / "step_3", {"value": 15.0, "metric": "latent_first_tok_top1_mean"})
+    keep_best(run, 3, root / "step_3", {"value": 15.0, "metric": "latent_first_tok_top1_mean"}, harder)
     assert CK.read_best(root)["checkpoint"] == "step_2"

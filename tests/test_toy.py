@@ -105,8 +105,9 @@ def test_report_writer(tmp_path):
 
 
 def test_time_to_em_reads_validation_on_the_runs_own_data_only():
-    """The time-to-80 of the report: the first validation row of the LAST data stage where every receiver's latent
-    EM is >= 80; a 2-fact stage's 95 does not count, nor a row where only one receiver got there."""
+    """The time-to-80 of the report: the first validation row on the run's OWN data (stage = the number of data
+    stages) where every receiver's latent EM is >= 80; a 2-fact stage's 95 does not count, nor a row where only
+    one receiver got there."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("toy_report", ROOT / "launch" / "toy_report.py")
@@ -116,9 +117,12 @@ def test_time_to_em_reads_validation_on_the_runs_own_data_only():
             {"step": 150, "data_stage": 1, "train_s": 12.0},
             {"step": 200, "data_stage": 1, "train_s": 20.0, "eval/latent_em/a": 85.0, "eval/latent_em/b": 79.9},
             {"step": 300, "data_stage": 1, "train_s": 31.5, "eval/latent_em/a": 81.0, "eval/latent_em/b": 90.0}]
-    assert report_mod.time_to_em(rows, ["a", "b"]) == {"step": 300, "train_s": 31.5}
-    assert report_mod.time_to_em(rows[:3], ["a", "b"]) is None
-    assert report_mod.time_to_em([{**r, "data_stage": 0} for r in rows], ["a", "b"])["step"] == 100
+    assert report_mod.time_to_em(rows, ["a", "b"], own_stage=1) == {"step": 300, "train_s": 31.5}
+    assert report_mod.time_to_em(rows[:3], ["a", "b"], own_stage=1) is None
+    # a run that never left its one data stage never measured its own validation data: nothing to report
+    assert report_mod.time_to_em([{**r, "data_stage": 0} for r in rows], ["a", "b"], own_stage=1) is None
+    assert report_mod.time_to_em([{k: v for k, v in r.items() if k != "data_stage"} for r in rows],
+                                 ["a", "b"])["step"] == 100  # no data stages at all
 
 
 # ---------------------------------------------------------------------------------------------------------------
