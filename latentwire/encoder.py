@@ -143,15 +143,18 @@ def question_padding(byte_ids: torch.Tensor, mask: torch.Tensor, label: bytes = 
 
 
 def question_match(byte_ids: torch.Tensor, mask: torch.Tensor, question_pad: torch.Tensor,
-                   sizes: list[int]) -> torch.Tensor:
-    """(B, L, len(sizes)) float: feature k is 1 at byte i when the `sizes[k]` bytes ending at i lie outside the
-    question and occur, byte for byte, somewhere inside the same row's question; 0 elsewhere (padding, the
-    question itself). The byte-level form of the exact-match feature of extractive readers (DrQA): the context
-    positions that repeat the question's words are marked before any layer has to learn to compare them."""
+                   sizes: list[int], label_len: int = len(QUESTION_LABEL), dtype=torch.float32) -> torch.Tensor:
+    """(B, L, len(sizes)) `dtype`: feature k is 1 at byte i when the `sizes[k]` bytes ending at i lie in the
+    context (before the question's label, which is `label_len` bytes) and occur, byte for byte, somewhere inside
+    the same row's question; 0 elsewhere (padding, the label, the question itself). The byte-level form of the
+    exact-match feature of extractive readers (DrQA): the context positions that repeat the question's words are
+    marked before any layer has to learn to compare them."""
     b, length = byte_ids.shape
-    out = torch.zeros(b, length, len(sizes), device=byte_ids.device)
+    out = torch.zeros(b, length, len(sizes), device=byte_ids.device, dtype=dtype)
     inside = ~question_pad & mask
-    outside = question_pad & mask
+    positions = torch.arange(length, device=byte_ids.device)
+    question_start = torch.where(inside, positions, length).min(dim=1).values  # (B,)
+    outside = question_pad & mask & (positions < (question_start - label_len)[:, None])
     for k, n in enumerate(sizes):
         if length < n:
             continue
@@ -207,7 +210,8 @@ class ByteEncoder(nn.Module):
         x = self.embed(byte_ids) + self.pos[: byte_ids.shape[1]]
         question_pad = question_padding(byte_ids, mask) if self.cfg.question_queries or self.match is not None else None
         if self.match is not None:
-            x = x + question_match(byte_ids, mask, question_pad, self.cfg.match_ngrams) @ self.match
+            x = x + question_match(byte_ids, mask, question_pad, self.cfg.match_ngrams,
+                                   dtype=self.match.dtype) @ self.match
         if self.local is not None:
             x = self.local(x, pad)
         for layer in self.layers:

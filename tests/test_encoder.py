@@ -106,6 +106,21 @@ def test_question_match_marks_the_context_bytes_that_end_a_question_ngram():
     assert feats[1].sum() == 0
 
 
+def test_question_match_never_marks_the_question_label():
+    """A question that repeats bytes of the template's own label ("...tion" against "\nQuestion: ") marks only
+    the context's copy, never the label; the feature comes out in the dtype asked for (bf16 runs)."""
+    from latentwire.encoder import question_match, question_padding
+
+    text = b"Context: The station had a population of 9.\nQuestion: What was the population?\n"
+    ids, mask = bytes_to_tensor([text], 128)
+    feats = question_match(ids, mask, question_padding(ids, mask), [4], dtype=torch.bfloat16)
+    assert feats.dtype == torch.bfloat16
+    marked = [i for i in range(len(text)) if feats[0, i, 0]]
+    label = text.index(b"\nQuestion: ")
+    assert marked and all(i < label for i in marked)
+    assert {text[i - 3:i + 1] for i in marked} >= {b"tion", b"popu", b"ulat"}  # "station" and "population"
+
+
 def test_match_ngrams_stay_padding_invariant_and_their_vectors_train():
     torch.manual_seed(0)
     cfg = EncoderConfig(d_model=32, n_layers=1, n_heads=4, d_z=16, m_shared=4, m_private=1, match_ngrams=[3, 5])
