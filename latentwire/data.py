@@ -345,7 +345,7 @@ def load_splits(data_cfg) -> Splits:
     return splits
 
 
-def stage_splits(stage, data_cfg, splits: Splits, name: str = "curriculum.data_stages") -> Splits:
+def stage_splits(stage, data_cfg, splits: Splits, name: str) -> Splits:
     """The splits of one curriculum.data_stages entry (`name` in errors): its own training files, its own
     validation files (or the run's validation), and the run's test split, all three checked disjoint, and the
     stage's training data also against the run's validation, so no stage ever trains on what the run is judged on."""
